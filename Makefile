@@ -1,0 +1,38 @@
+# Quick start: `make demo` and `make test` do all set-up on a fresh machine (Python 3.10+).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_MODEL := build/demo-model
+
+.PHONY: demo test lint bench clean
+
+# torch is pinned first so that pip takes the CPU build instead of several GB of CUDA wheels;
+# open-clip-torch only provides the CLIP BPE vocabulary (--no-deps keeps torchvision out).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps open-clip-torch
+	touch $(STAMP)
+
+$(DEMO_MODEL)/model_index.json: $(STAMP)
+	$(PY) -m turbokit.tiny $(DEMO_MODEL) --family sd2
+
+demo: $(DEMO_MODEL)/model_index.json
+	@echo "NOTE: the demo model is a tiny model with RANDOM weights until turbokit ships its trained model: expect noise."
+	$(VENV)/bin/turbokit generate "a red circle on a blue background" -m $(DEMO_MODEL) --seed 0 -o demo.png
+	@echo "wrote demo.png"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_inference.py
+
+clean:
+	rm -rf $(VENV) build demo.png

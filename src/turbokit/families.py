@@ -1,0 +1,96 @@
+"""What differs between the SD 1.x/2.x and SDXL families: how prompts become UNet conditioning.
+
+One pipeline serves both; each family is a small strategy object that encodes prompts and adds the
+family's extra UNet inputs (SDXL's pooled text embedding and size/crop micro-conditioning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch: per-token embeddings and, for SDXL, the pooled embedding."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __getitem__(self, index: torch.Tensor | list[int] | slice) -> Conditioning:
+        return Conditioning(self.embeds[index], None if self.pooled is None else self.pooled[index])
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return Conditioning(torch.cat([p.embeds for p in parts]), pooled)
+
+    def zeros_like(self) -> Conditioning:
+        return Conditioning(torch.zeros_like(self.embeds), None if self.pooled is None else torch.zeros_like(self.pooled))
+
+
+def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    # Truncation to CLIP's 77 tokens is silent here as in every SD tool; the CLI warns about it.
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+class SDFamily:
+    """SD 1.x and 2.x: one CLIP text encoder, its last hidden state as cross-attention context."""
+
+    name = "sd"
+    zero_negative = False
+
+    def __init__(self, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> None:
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        ids = _token_ids(self.tokenizer, prompts).to(self.text_encoder.device)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = (ids != self.tokenizer.pad_token_id).long()
+        return Conditioning(self.text_encoder(ids, attention_mask=mask)[0])
+
+    def unet_kwargs(self, cond: Conditioning, height: int, width: int) -> dict[str, object]:
+        return {}
+
+
+class SDXLFamily:
+    """SDXL: two text encoders' penultimate hidden states concatenated, the second's pooled
+    projection, and `time_ids` = (original size, crop top-left, target size)."""
+
+    name = "sdxl"
+
+    def __init__(
+        self,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        force_zeros_for_empty_prompt: bool = True,
+    ) -> None:
+        self.encoders = [(tokenizer, text_encoder), (tokenizer_2, text_encoder_2)]
+        # SDXL's negative conditioning is all zeros when no negative prompt is given.
+        self.zero_negative = force_zeros_for_empty_prompt
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        hidden, pooled = [], None
+        for tokenizer, encoder in self.encoders:
+            out = encoder(_token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+            if isinstance(encoder, CLIPTextModelWithProjection):
+                pooled = out.text_embeds
+            hidden.append(out.hidden_states[-2])
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+    def unet_kwargs(self, cond: Conditioning, height: int, width: int) -> dict[str, object]:
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.embeds.dtype, device=cond.embeds.device)
+        return {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(len(cond.embeds), 1)}}
+
+
+Family = SDFamily | SDXLFamily

@@ -1,0 +1,159 @@
+"""Finding and loading a model: a diffusers folder, a single-file checkpoint, or a hub id.
+
+Every path ends in the same dict of diffusers/transformers components (`unet`, `vae`,
+`text_encoder`, `tokenizer`, `scheduler`, and for SDXL `text_encoder_2`, `tokenizer_2`), so the
+pipeline never knows where a model came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+from diffusers.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from turbokit.errors import ModelNotFoundError, TurbokitError
+from turbokit.tokenizer import PAD_OPENAI, PAD_OPENCLIP, clip_tokenizer
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PICKLE_REFUSAL = (
+    "pickle-based weights can run arbitrary code when loaded; convert them to .safetensors, "
+    "or pass --allow-pickle (allow_pickle=True) if you trust the source"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A model's components, its family ("sd1", "sd2" or "sdxl") and the name it was loaded by."""
+
+    family: str
+    components: dict[str, object]
+    name: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def family_of(unet_config: dict, text_hidden_size: int | None = None) -> str:
+    """SDXL if the UNet takes SDXL's text/time embedding; otherwise SD 1.x (768-wide CLIP-L context) or 2.x."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    cross = unet_config.get("cross_attention_dim")
+    width = text_hidden_size or (cross[0] if isinstance(cross, list | tuple) else cross)
+    return "sd1" if width == 768 or unet_config.get("use_linear_projection") is False else "sd2"
+
+
+def _weights_variant(folder: Path, allow_pickle: bool) -> tuple[bool, str | None]:
+    """(use_safetensors, variant) for a component folder; pickle-only folders need allow_pickle."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    safetensors = [n for n in names if n.endswith((".safetensors", ".safetensors.index.json"))]
+    if safetensors:
+        plain = [n for n in safetensors if n.count(".") <= (2 if n.endswith(".json") else 1)]
+        if plain:
+            return True, None
+        return True, safetensors[0].split(".")[1]  # e.g. "fp16" from model.fp16.safetensors
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        if not allow_pickle:
+            raise TurbokitError(f"{folder} holds only pickle weights: {PICKLE_REFUSAL}")
+        return False, None
+    raise ModelNotFoundError(f"no weights found in {folder}")
+
+
+def _load_part(cls: type, root: Path, sub: str, allow_pickle: bool, dtype: torch.dtype) -> object:
+    use_safetensors, variant = _weights_variant(root / sub, allow_pickle)
+    return cls.from_pretrained(root, subfolder=sub, use_safetensors=use_safetensors, variant=variant, torch_dtype=dtype)
+
+
+def _tokenizer(root: Path, sub: str, pad: str) -> CLIPTokenizer:
+    # Folders converted from single files often lack tokenizer files; the offline one is identical.
+    if (root / sub).is_dir():
+        return CLIPTokenizer.from_pretrained(root, subfolder=sub)
+    return clip_tokenizer(pad)
+
+
+def _scheduler(root: Path) -> EulerDiscreteScheduler | EulerAncestralDiscreteScheduler:
+    config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    cls = EulerAncestralDiscreteScheduler if config.get("_class_name", "").startswith("EulerAncestral") else EulerDiscreteScheduler
+    return cls.from_config(config)
+
+
+def vae_config(model: str | Path) -> dict:
+    """The VAE's config.json of a diffusers folder ({} for other sources: they use the Turbo config)."""
+    path = Path(model) / "vae" / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_folder(root: Path, allow_pickle: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
+    """A diffusers model folder of the SD 1.x/2.x or SDXL family."""
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise ModelNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    if not (root / "unet").is_dir():
+        raise ModelNotFoundError(f"{root} has no unet/ folder: only SD 1.x/2.x and SDXL UNet models are supported")
+    unet = _load_part(UNet2DConditionModel, root, "unet", allow_pickle, dtype)
+    text_encoder = _load_part(CLIPTextModel, root, "text_encoder", allow_pickle, dtype)
+    family = family_of(dict(unet.config), text_encoder.config.hidden_size)
+    components: dict[str, object] = {
+        "unet": unet,
+        "vae": _load_part(AutoencoderKL, root, "vae", allow_pickle, vae_dtype),
+        "text_encoder": text_encoder,
+        "tokenizer": _tokenizer(root, "tokenizer", PAD_OPENAI if family != "sd2" else PAD_OPENCLIP),
+        "scheduler": _scheduler(root),
+    }
+    if family == "sdxl":
+        components["text_encoder_2"] = _load_part(CLIPTextModelWithProjection, root, "text_encoder_2", allow_pickle, dtype)
+        components["tokenizer_2"] = _tokenizer(root, "tokenizer_2", PAD_OPENCLIP)
+    extra = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+    return LoadedModel(family, components, root.name, extra)
+
+
+def _download(repo_id: str, allow_pickle: bool) -> Path:
+    """Fetch a hub model through diffusers' own downloader (cache first); offline, one clear error."""
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"use_safetensors": not allow_pickle}
+    try:
+        return Path(DiffusionPipeline.download(repo_id, local_files_only=True, **kwargs))
+    except (OSError, ValueError):
+        pass
+    try:
+        return Path(DiffusionPipeline.download(repo_id, **kwargs))
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not available locally and could not be downloaded from the Hugging Face hub "
+            f"(offline?); download it where there is network and point -m at the folder or .safetensors file"
+        ) from err
+
+
+def load_model(model: str | Path, *, allow_pickle: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
+    """Load `model` — a diffusers folder, a single-file checkpoint, or a hub id — as components."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return load_folder(path, allow_pickle, dtype, vae_dtype)
+    if path.is_file():
+        from turbokit.single_file import load_single_file
+
+        family, components = load_single_file(path, allow_pickle=allow_pickle, torch_dtype=dtype)
+        components["vae"].to(vae_dtype)
+        return LoadedModel(family, components, path.stem)
+    if _HUB_ID.match(str(model)) and not str(model).startswith("."):
+        loaded = load_folder(_download(str(model), allow_pickle), allow_pickle, dtype, vae_dtype)
+        loaded.name = str(model)
+        return loaded
+    raise ModelNotFoundError(f"model not found: {model} is neither a file, a folder, nor a hub id like org/name")
+
+
+def load_tiny_vae(path: str | Path, dtype: torch.dtype) -> AutoencoderTiny:
+    """A TAESD-style `AutoencoderTiny` decoder from a local diffusers folder (`--tiny-vae`)."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"--tiny-vae {path}: not an AutoencoderTiny folder (no config.json)")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name") != "AutoencoderTiny":
+        raise ModelNotFoundError(f"--tiny-vae {path}: expected an AutoencoderTiny, found {config.get('_class_name')}")
+    return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype)

@@ -1,0 +1,258 @@
+"""TurboPipeline: text-to-image and image-to-image in 1–N steps over diffusers model classes.
+
+One pipeline for every family: the SD/SDXL differences live in `turbokit.families`, the sampling
+maths in `turbokit.sampling`. Usage:
+
+    pipe = TurboPipeline.from_pretrained("path/to/sd-turbo")
+    image = pipe("a cat in a hat", seed=1).images[0]
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers.schedulers import EulerDiscreteScheduler
+from PIL import Image
+
+from turbokit import sampling
+from turbokit.errors import InvalidRequestError
+from turbokit.families import Conditioning, Family, SDFamily, SDXLFamily
+from turbokit.images import fit_size, pil_to_tensor, resize, tensor_to_pil
+from turbokit.loading import LoadedModel, load_model, load_tiny_vae, vae_config
+from turbokit.metadata import GenerationParameters
+from turbokit.precision import Precision, choose_precision, parse_device
+from turbokit.prompt_cache import PromptCache
+
+log = logging.getLogger("turbokit")
+
+SAMPLERS = {"euler": "Euler", "euler_a": "Euler a"}  # turbokit name → AUTOMATIC1111's name
+MIN_SIDE, MAX_SIDE = 64, 4096
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerationResult:
+    """The images of one call and, for each, the parameters that reproduce it."""
+
+    pixels: torch.Tensor
+    """(N, 3, H, W) float images in [0, 1], before 8-bit rounding."""
+    parameters: list[GenerationParameters]
+
+    @functools.cached_property
+    def images(self) -> list[Image.Image]:
+        return tensor_to_pil(self.pixels)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [p.seed for p in self.parameters]
+
+
+class TurboPipeline:
+    """A Turbo (or any SD/SDXL) model ready to sample: components on one device, in one precision."""
+
+    def __init__(
+        self, model: LoadedModel, device: torch.device, precision: Precision, tiny_vae: AutoencoderTiny | None = None
+    ) -> None:
+        c = model.components
+        self.model_name = model.name
+        self.family_name = model.family
+        self.device, self.precision = device, precision
+        self.unet = c["unet"].to(device, precision.compute).eval()
+        self.vae: AutoencoderKL = c["vae"].to(device, precision.vae).eval()
+        self.tiny_vae = None if tiny_vae is None else tiny_vae.to(device, precision.vae).eval()
+        self.text_encoders = [c[k].to(device, precision.compute).eval() for k in ("text_encoder", "text_encoder_2") if k in c]
+        self.scheduler = c["scheduler"]
+        self.family: Family
+        if model.family == "sdxl":
+            zeros = bool(model.extra.get("force_zeros_for_empty_prompt", True))
+            self.family = SDXLFamily(*self.text_encoders, c["tokenizer"], c["tokenizer_2"], zeros)
+        else:
+            self.family = SDFamily(self.text_encoders[0], c["tokenizer"])
+        self.encode = PromptCache(self.family.encode)
+        # diffusers computes ᾱ from the scheduler config (beta schedule, zero-SNR rescale); reuse it.
+        self.alphas_cumprod = EulerDiscreteScheduler.from_config(self.scheduler.config).alphas_cumprod
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        self.default_sampler = "euler_a" if "Ancestral" in type(self.scheduler).__name__ else "euler"
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.native_size = self.unet.config.sample_size * self.vae_scale_factor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | None = None,
+        tiny_vae: str | Path | None = None,
+        allow_pickle: bool = False,
+    ) -> TurboPipeline:
+        """Load a diffusers folder, a single-file checkpoint (.safetensors) or a hub id.
+
+        `dtype` is "fp32", "fp16", "bf16" or None for the device's best safe choice;
+        `tiny_vae` is an AutoencoderTiny folder used to decode instead of the full VAE."""
+        device = device if isinstance(device, torch.device) else parse_device(device)
+        force_upcast = bool(vae_config(model).get("force_upcast", True))
+        precision = choose_precision(device, dtype, force_upcast)
+        loaded = load_model(model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae)
+        decoder = None if tiny_vae is None else load_tiny_vae(tiny_vae, precision.vae)
+        return cls(loaded, device, precision, decoder)
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str | None = None,
+        steps: int = 1,
+        guidance_scale: float = 0.0,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        seed: int | list[int] | None = None,
+        image: Image.Image | None = None,
+        strength: float = 0.5,
+        sampler: str | None = None,
+        callback: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        """Text-to-image, or image-to-image when `image` is given (then `int(steps × strength)` steps run).
+
+        A prompt list gives `num_images` images per prompt. `seed` is a base seed (image i gets
+        seed + i), one seed per image, or None for a random base; the same seed always gives the
+        same image, whatever else is in the batch. `callback(i)` runs after each step."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or num_images < 1:
+            raise InvalidRequestError("nothing to generate: give at least one prompt and num_images ≥ 1")
+        prompts = [p for p in prompts for _ in range(num_images)]
+        seeds = self._seeds(seed, len(prompts))
+        sampler = self._sampler(sampler)
+        if image is not None:
+            width, height = self._img2img_size(image, width, height)
+        width, height = self._check_size(width or self.native_size, height or self.native_size)
+
+        timesteps = sampling.trailing_timesteps(steps, self.scheduler.config.num_train_timesteps)
+        sigmas = sampling.sigmas_at(timesteps, self.alphas_cumprod)
+        if image is not None:
+            first = steps - sampling.img2img_steps(steps, strength)
+            timesteps, sigmas = timesteps[first:], sigmas[first:]
+        timesteps, sigmas = timesteps.to(self.device), sigmas.to(self.device)
+
+        cfg = guidance_scale > 1
+        if negative_prompt and not cfg:
+            log.warning("the negative prompt is ignored: it needs guidance_scale > 1 (Turbo models use 0)")
+        cond = self.encode(prompts)
+        if cfg:
+            negative = cond.zeros_like() if negative_prompt is None and self.family.zero_negative else self.encode([negative_prompt or ""] * len(prompts))
+            cond = Conditioning.cat([negative, cond])
+        unet_kwargs = self.family.unet_kwargs(cond, height, width)
+
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = (len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if image is None:
+            x = sampling.noise(shape, generators, self.device, torch.float32) * sigmas[0]
+        else:
+            latents = self._encode_image(image, width, height, generators)
+            x = latents + sampling.noise(shape, generators, self.device, torch.float32) * sigmas[0]
+
+        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+            x_in = sampling.scale_input(x, sigmas[i]).to(self.precision.compute)
+            if cfg:
+                x_in = torch.cat([x_in, x_in])
+            out = self.unet(x_in, timesteps[i], encoder_hidden_states=cond.embeds, return_dict=False, **unet_kwargs)[0]
+            if cfg:
+                uncond, text = out.chunk(2)
+                out = uncond + guidance_scale * (text - uncond)
+            return sampling.to_denoised(x, out.float(), sigmas[i], self.prediction_type)
+
+        ancestral = generators if sampler == "euler_a" else None
+        x = sampling.sample_euler(denoise, x, sigmas, ancestral, callback)
+        pixels = self.decode(x).cpu()
+        params = [
+            GenerationParameters(
+                prompt=p,
+                negative_prompt=negative_prompt or "",
+                steps=steps,
+                seed=s,
+                width=width,
+                height=height,
+                model=self.model_name,
+                guidance_scale=guidance_scale,
+                sampler=SAMPLERS[sampler],
+                strength=strength if image is not None else None,
+            )
+            for p, s in zip(prompts, seeds, strict=True)
+        ]
+        return GenerationResult(pixels, params)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [0, 1], through the tiny decoder when one is loaded."""
+        if self.tiny_vae is not None:
+            out = self.tiny_vae.decode(latents.to(self.precision.vae) / self.tiny_vae.config.scaling_factor).sample
+        else:
+            out = self.vae.decode(self._from_latent_space(latents).to(self.precision.vae)).sample
+        return (out.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _latent_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        mean, std = self.vae.config.get("latents_mean"), self.vae.config.get("latents_std")
+        if mean is None or std is None:
+            return None
+        view = (1, len(mean), 1, 1)
+        return torch.tensor(mean, device=self.device).view(view), torch.tensor(std, device=self.device).view(view)
+
+    def _to_latent_space(self, z: torch.Tensor) -> torch.Tensor:
+        stats, sf = self._latent_stats(), self.vae.config.scaling_factor
+        return z * sf if stats is None else (z - stats[0]) * sf / stats[1]
+
+    def _from_latent_space(self, x: torch.Tensor) -> torch.Tensor:
+        stats, sf = self._latent_stats(), self.vae.config.scaling_factor
+        return x / sf if stats is None else x * stats[1] / sf + stats[0]
+
+    def _encode_image(self, image: Image.Image, width: int, height: int, generators: list[torch.Generator]) -> torch.Tensor:
+        pixels = pil_to_tensor([resize(image, width, height)]).to(self.device, self.precision.vae)
+        dist = self.vae.encode(pixels).latent_dist
+        # A sample (not the mean) of the posterior per image, from that image's own generator, as diffusers does.
+        z = torch.cat([dist.sample(generator=g) for g in generators])
+        return self._to_latent_space(z.float())
+
+    def _seeds(self, seed: int | list[int] | None, n: int) -> list[int]:
+        if seed is None:
+            base = random.randrange(2**32)
+            return [base + i for i in range(n)]
+        seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != n:
+            raise InvalidRequestError(f"{len(seeds)} seeds given for {n} images")
+        if any(not 0 <= s <= MAX_SEED for s in seeds):
+            raise InvalidRequestError(f"seeds must be between 0 and {MAX_SEED}")
+        return seeds
+
+    def _sampler(self, sampler: str | None) -> str:
+        sampler = sampler or self.default_sampler
+        if sampler not in SAMPLERS:
+            raise InvalidRequestError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+        return sampler
+
+    def _img2img_size(self, image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
+        if width and height:
+            return width, height
+        fitted = fit_size(image.width, image.height, self.native_size**2, self.vae_scale_factor)
+        return width or fitted[0], height or fitted[1]
+
+    def _check_size(self, width: int, height: int) -> tuple[int, int]:
+        m = self.vae_scale_factor
+        for name, side in (("width", width), ("height", height)):
+            if side % m or not MIN_SIDE <= side <= MAX_SIDE:
+                raise InvalidRequestError(f"{name} must be a multiple of {m} between {MIN_SIDE} and {MAX_SIDE}, got {side}")
+        n = self.native_size
+        if max(width, height) > 2 * n or min(width, height) < n // 2:
+            log.warning(f"{width}x{height} is far from this model's native {n}x{n}: expect lower quality")
+        return width, height
