@@ -46,7 +46,7 @@ def test_infotext_without_negative_or_strength() -> None:
     [
         {},
         {"prompt": 'a cat, "quoted", colon: here\nsecond line, more'},
-        {"negative_prompt": "blurry, low quality: bad\n\"ugly\""},
+        {"negative_prompt": 'blurry, low quality: bad\n"ugly"'},
         {"strength": 0.5},
         {"strength": 0.3333333333333333, "guidance_scale": 1.5, "sampler": "Euler"},
         {"prompt": "", "negative_prompt": "only negative"},
@@ -94,9 +94,7 @@ def test_parse_a1111_infotext_with_unknown_keys() -> None:
 def test_parse_crlf_and_defaults() -> None:
     text = "a dog\r\nSteps: 2, Seed: 7, Size: 512x768, Model: sd_turbo\r\n"
     params = GenerationParameters.from_infotext(text)
-    assert params == GenerationParameters(
-        "a dog", steps=2, seed=7, width=512, height=768, model="sd_turbo"
-    )
+    assert params == GenerationParameters("a dog", steps=2, seed=7, width=512, height=768, model="sd_turbo")
     assert params.sampler == "Euler"
     assert params.guidance_scale == 0.0
     assert params.strength is None
@@ -118,7 +116,7 @@ def test_parse_errors(text: str, message: str) -> None:
 
 
 def test_save_png_writes_parameters_chunk(tmp_path: Path) -> None:
-    params = _params(prompt="a cat, \"quoted\"\nline two", negative_prompt="blurry", strength=0.5)
+    params = _params(prompt='a cat, "quoted"\nline two', negative_prompt="blurry", strength=0.5)
     image = Image.new("RGB", (8, 8), (10, 20, 30))
     out = save_png(image, tmp_path / "out.png", params)
     assert out == tmp_path / "out.png"
@@ -148,7 +146,7 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
     target = tmp_path / "out.png"
     save_png(Image.new("RGB", (4, 4)), target, _params(seed=1))
     before = target.read_bytes()
-    with pytest.raises(TurbokitError, match="out.png"):
+    with pytest.raises(TurbokitError, match=r"out\.png"):
         save_png(Image.new("CMYK", (4, 4)), target, _params(seed=2))  # PNG cannot store CMYK
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
@@ -166,7 +164,7 @@ def test_read_parameters_none_without_chunk(tmp_path: Path) -> None:
 
 
 def test_read_parameters_errors(tmp_path: Path) -> None:
-    with pytest.raises(TurbokitError, match="missing.png"):
+    with pytest.raises(TurbokitError, match=r"missing\.png"):
         read_parameters(tmp_path / "missing.png")
     junk = tmp_path / "junk.png"
     junk.write_text("not an image")

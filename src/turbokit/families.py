@@ -28,7 +28,9 @@ class Conditioning:
         return Conditioning(torch.cat([p.embeds for p in parts]), pooled)
 
     def zeros_like(self) -> Conditioning:
-        return Conditioning(torch.zeros_like(self.embeds), None if self.pooled is None else torch.zeros_like(self.pooled))
+        return Conditioning(
+            torch.zeros_like(self.embeds), None if self.pooled is None else torch.zeros_like(self.pooled)
+        )
 
 
 def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
@@ -89,7 +91,9 @@ class SDXLFamily:
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
     def unet_kwargs(self, cond: Conditioning, height: int, width: int) -> dict[str, object]:
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.embeds.dtype, device=cond.embeds.device)
+        time_ids = torch.tensor(
+            [[height, width, 0, 0, height, width]], dtype=cond.embeds.dtype, device=cond.embeds.device
+        )
         return {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": time_ids.repeat(len(cond.embeds), 1)}}
 
 

@@ -66,8 +66,7 @@ def fit_size(width: int, height: int, target_area: int, multiple: int = 8) -> tu
     """
     if width <= 0 or height <= 0 or target_area <= 0 or multiple <= 0:
         raise InvalidRequestError(
-            f"cannot fit size {width}x{height} to area {target_area} in multiples of {multiple}: "
-            "all must be positive"
+            f"cannot fit size {width}x{height} to area {target_area} in multiples of {multiple}: all must be positive"
         )
     scale = math.sqrt(target_area / (width * height))
 

@@ -77,7 +77,11 @@ def _tokenizer(root: Path, sub: str, pad: str) -> CLIPTokenizer:
 
 def _scheduler(root: Path) -> EulerDiscreteScheduler | EulerAncestralDiscreteScheduler:
     config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    cls = EulerAncestralDiscreteScheduler if config.get("_class_name", "").startswith("EulerAncestral") else EulerDiscreteScheduler
+    cls = (
+        EulerAncestralDiscreteScheduler
+        if config.get("_class_name", "").startswith("EulerAncestral")
+        else EulerDiscreteScheduler
+    )
     return cls.from_config(config)
 
 
@@ -106,7 +110,9 @@ def load_folder(root: Path, allow_pickle: bool, dtype: torch.dtype, vae_dtype: t
         "scheduler": _scheduler(root),
     }
     if family == "sdxl":
-        components["text_encoder_2"] = _load_part(CLIPTextModelWithProjection, root, "text_encoder_2", allow_pickle, dtype)
+        components["text_encoder_2"] = _load_part(
+            CLIPTextModelWithProjection, root, "text_encoder_2", allow_pickle, dtype
+        )
         components["tokenizer_2"] = _tokenizer(root, "tokenizer_2", PAD_OPENCLIP)
     extra = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
     return LoadedModel(family, components, root.name, extra)

@@ -14,6 +14,7 @@ comma, colon, newline or quote is written as a JSON string.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -248,7 +249,5 @@ def _version_label() -> str:
 
 
 def _discard(tmp: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         tmp.unlink(missing_ok=True)
-    except OSError:
-        pass

@@ -65,9 +65,7 @@ def choose_precision(device: torch.device, requested: str | None = None, vae_for
         if requested not in DTYPES:
             raise TurbokitError(f"unknown dtype {requested!r}; use one of {', '.join(DTYPES)} or auto")
         compute = DTYPES[requested]
-    elif device.type == "cuda":
-        compute = torch.float16
-    elif device.type == "mps":
+    elif device.type == "cuda" or device.type == "mps":
         compute = torch.float16
     else:
         compute = torch.bfloat16 if cpu_has_native_bf16() else torch.float32

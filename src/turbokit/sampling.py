@@ -55,7 +55,7 @@ def img2img_steps(steps: int, strength: float) -> int:
         raise InvalidRequestError(
             f"image-to-image runs int(steps × strength) steps, which must be at least 1, but "
             f"int({steps} × {strength:g}) = 0; use --steps {min_steps} (or more) with --strength {strength:g}, "
-            f"or --strength {1 / steps:.3g} (or more) with --steps {steps}"
+            f"or --strength {min(1.0, 1 / steps):.3g}{' (or more)' if steps > 1 else ''} with --steps {steps}"
         )
     return run
 

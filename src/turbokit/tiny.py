@@ -90,7 +90,9 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, object]:
             "text_encoder_2": CLIPTextModelWithProjection(_text_config(128, "gelu", 128)),
             "tokenizer": clip_tokenizer(PAD_OPENAI),
             "tokenizer_2": clip_tokenizer(PAD_OPENCLIP),
-            "scheduler": EulerAncestralDiscreteScheduler.from_pretrained(turbo_config_dir("sdxl"), subfolder="scheduler"),
+            "scheduler": EulerAncestralDiscreteScheduler.from_pretrained(
+                turbo_config_dir("sdxl"), subfolder="scheduler"
+            ),
         }
     sd1 = family == "sd1"
     unet = UNet2DConditionModel(
@@ -133,7 +135,8 @@ def main() -> None:
     parser.add_argument("--family", choices=FAMILIES, default="sd2")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(f"wrote a tiny random {args.family} model (random weights, not a trained model) to {save_tiny_model(args.path, args.family, args.seed)}")
+    path = save_tiny_model(args.path, args.family, args.seed)
+    print(f"wrote a tiny {args.family} model with RANDOM weights (not a trained model) to {path}")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,7 @@ PAD_OPENCLIP = "!"
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte → printable-character map that CLIP's BPE is defined over."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = list(printable)
     extra = 0
@@ -58,7 +56,8 @@ def find_bpe_file() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    lines = gzip.open(find_bpe_file()).read().decode("utf-8").split("\n")
+    with gzip.open(find_bpe_file()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     # The file's first line is a header; CLIP keeps the first 48,894 merges (49408 − 256·2 − 2).
     merges = lines[1 : VOCAB_SIZE - 256 * 2 - 2 + 1]
     pairs = [(a, b) for a, b in (m.split() for m in merges)]

@@ -1,0 +1,5 @@
+import sys
+
+from turbokit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,221 @@
+"""The `turbokit` command line: generate, img2img, info.
+
+User errors (TurbokitError) print one line and exit 2; interrupted runs exit 130; both without
+a traceback. Cheap checks (paths, sizes, steps/strength) run before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from turbokit import __version__
+from turbokit.errors import InvalidRequestError, TurbokitError
+
+DEFAULT_MODEL = os.environ.get("TURBOKIT_MODEL", "stabilityai/sd-turbo")
+log = logging.getLogger("turbokit")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x768' → (512, 768); '512' → (512, 512)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", text)
+    if not match:
+        raise InvalidRequestError(f"--size must look like 512x512 (WIDTHxHEIGHT), got {text!r}")
+    width = int(match[1])
+    return width, int(match[2] or width)
+
+
+def output_paths(output: str | None, seeds: Sequence[int]) -> list[Path]:
+    """Where each image goes: `-o file.png` (file-0.png, file-1.png, ... for several images),
+    `-o folder/`, or by default turbokit-SEED.png in the current folder, never overwriting."""
+    if output is not None and not (output.endswith(("/", os.sep)) or Path(output).is_dir()):
+        path = Path(output)
+        if path.suffix.lower() != ".png":
+            raise InvalidRequestError(f"-o {output}: images are written as .png (which carries their parameters)")
+        if not path.parent.is_dir():
+            raise InvalidRequestError(f"-o {output}: folder {path.parent} does not exist")
+        if len(seeds) == 1:
+            return [path]
+        return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(seeds))]
+    folder = Path(output or ".")
+    if not folder.is_dir():
+        raise InvalidRequestError(f"-o {output}: folder does not exist")
+    paths: list[Path] = []
+    for seed in seeds:
+        path, n = folder / f"turbokit-{seed}.png", 1
+        while path.exists() or path in paths:  # never overwrite earlier work
+            path, n = folder / f"turbokit-{seed}-{n}.png", n + 1
+        paths.append(path)
+    return paths
+
+
+def _add_generation_options(p: argparse.ArgumentParser, default_steps: int) -> None:
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument(
+        "-m",
+        "--model",
+        default=DEFAULT_MODEL,
+        help="diffusers folder, .safetensors file or hub id (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=default_steps, help="denoising steps (default: %(default)s; Turbo models: 1–4)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="base seed: image i gets SEED+i (default: random)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="how many images (default: %(default)s)")
+    p.add_argument(
+        "--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's native size)"
+    )
+    p.add_argument("-o", "--output", default=None, help="output .png file or folder (default: ./turbokit-SEED.png)")
+    p.add_argument("--negative-prompt", default=None, help="what to avoid (needs --guidance-scale > 1)")
+    p.add_argument(
+        "--guidance-scale", type=float, default=0.0, help="classifier-free guidance; Turbo models use 0 (default)"
+    )
+    p.add_argument(
+        "--sampler", choices=["euler", "euler_a"], default=None, help="default: as the model's scheduler config says"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 1 on CPU, 4 on GPU)")
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="default: fastest safe for the device"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--tiny-vae", default=None, metavar="PATH", help="decode with this AutoencoderTiny folder (faster)")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="load pickle checkpoints (.ckpt/.pt/.bin): only if trusted"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages, only errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turbokit", description="Run Turbo diffusion models in 1–4 steps.")
+    parser.add_argument("--version", action="version", version=f"turbokit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="text to image")
+    _add_generation_options(gen, default_steps=1)
+    img = sub.add_parser("img2img", help="image to image: runs int(steps × strength) steps")
+    img.add_argument("image", help="input image (PNG, JPEG, WebP, ...)")
+    _add_generation_options(img, default_steps=2)
+    img.add_argument("--strength", type=float, default=0.5, help="how much to change, in (0, 1] (default: %(default)s)")
+    info = sub.add_parser("info", help="describe a model")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    info.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    info.add_argument("--device", default=None)
+    info.add_argument("--allow-pickle", action="store_true")
+    info.add_argument("-q", "--quiet", action="store_true")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from turbokit import sampling
+    from turbokit.images import load_image
+    from turbokit.metadata import save_png
+    from turbokit.pipeline import TurboPipeline
+
+    # Everything a user can get wrong is checked before the (slow) model load.
+    if args.num_images < 1:
+        raise InvalidRequestError("-n must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InvalidRequestError("--batch-size must be at least 1")
+    sampling.trailing_timesteps(args.steps)
+    image = None
+    run_steps = args.steps
+    if args.command == "img2img":
+        run_steps = sampling.img2img_steps(args.steps, args.strength)
+        image = load_image(args.image)
+    width, height = parse_size(args.size) if args.size else (None, None)
+    for side in (width, height):
+        if side is not None and side % 8:  # every SD/SDXL VAE works at 1/8 scale
+            raise InvalidRequestError(f"--size sides must be multiples of 8, got {args.size}")
+    base_seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seeds = [base_seed + i for i in range(args.num_images)]
+    paths = output_paths(args.output, seeds)
+
+    start = time.perf_counter()
+    pipe = TurboPipeline.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, allow_pickle=args.allow_pickle
+    )
+    log.info(f"loaded {pipe.model_name} ({pipe.family_name}) on {pipe.device} in {time.perf_counter() - start:.1f} s")
+    batch = args.batch_size or (1 if pipe.device.type == "cpu" else 4)
+    show = not args.quiet and (run_steps > 1 or len(seeds) > 1)
+    with tqdm(total=run_steps * -(-len(seeds) // batch), unit="step", disable=not show, leave=False) as bar:
+        for first in range(0, len(seeds), batch):
+            chunk = seeds[first : first + batch]
+            start = time.perf_counter()
+            result = pipe(
+                args.prompt,
+                negative_prompt=args.negative_prompt,
+                steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                width=width,
+                height=height,
+                num_images=len(chunk),
+                seed=chunk,
+                image=image,
+                strength=getattr(args, "strength", 0.5),
+                sampler=args.sampler,
+                callback=lambda _step: bar.update(),
+            )
+            seconds = (time.perf_counter() - start) / len(chunk)
+            for img, params, path in zip(result.images, result.parameters, paths[first:], strict=False):
+                save_png(img, path, params)
+                if not args.quiet:
+                    bar.write(
+                        f"wrote {path} (seed {params.seed}, {params.width}x{params.height}, {seconds:.2f} s/image)"
+                    )
+
+
+def _info(args: argparse.Namespace) -> None:
+    from turbokit.info import describe
+    from turbokit.pipeline import TurboPipeline
+
+    pipe = TurboPipeline.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle
+    )
+    for label, text in describe(pipe).items():
+        print(f"{label:<12} {text}")
+
+
+def _configure_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    # The libraries' own chatter (loading bars, deprecation notes) is not for our users.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        if args.command == "info":
+            _info(args)
+        else:
+            _generate(args)
+    except TurbokitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
