@@ -99,6 +99,7 @@ def main() -> None:
         pipe = StableDiffusionPipeline(
             **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
+        pipe.set_progress_bar_config(disable=True)
         return pipe.to(device, dtype)
 
     def turbokit_pipe(dtype: str | None) -> TurboPipeline:

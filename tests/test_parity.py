@@ -28,7 +28,7 @@ def _generators() -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in SEEDS]
 
 
-@pytest.fixture(scope="module", params=["sd2", "sdxl"])
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
 def pair(request, tiny_models):
     path = tiny_models[request.param]
     return _turbo(path), path
