@@ -65,10 +65,11 @@ def test_image_to_image_matches_diffusers(pair, steps, strength):
     assert _max_diff(got, expected) < TOL
 
 
-def test_guidance_with_negative_prompt_matches_diffusers(pair):
+@pytest.mark.parametrize("negative_prompt", ["blurry", None])  # None: SDXL's zeroed negative conditioning
+def test_guidance_with_negative_prompt_matches_diffusers(pair, negative_prompt):
     ours, path = pair
     theirs = AutoPipelineForText2Image.from_pretrained(path)
-    kwargs = dict(guidance_scale=3.0, negative_prompt="blurry")
+    kwargs = dict(guidance_scale=3.0, negative_prompt=negative_prompt)
     expected = theirs(
         "a cat", num_images_per_prompt=2, num_inference_steps=2, generator=_generators(), output_type="np", **kwargs
     ).images

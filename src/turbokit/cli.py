@@ -68,9 +68,7 @@ def _add_generation_options(p: argparse.ArgumentParser, default_steps: int) -> N
     )
     p.add_argument("--seed", type=int, default=None, help="base seed: image i gets SEED+i (default: random)")
     p.add_argument("-n", "--num-images", type=int, default=1, help="how many images (default: %(default)s)")
-    p.add_argument(
-        "--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's native size)"
-    )
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's native size)")
     p.add_argument("-o", "--output", default=None, help="output .png file or folder (default: ./turbokit-SEED.png)")
     p.add_argument("--negative-prompt", default=None, help="what to avoid (needs --guidance-scale > 1)")
     p.add_argument(

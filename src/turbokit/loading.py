@@ -147,7 +147,7 @@ def load_model(model: str | Path, *, allow_pickle: bool, dtype: torch.dtype, vae
         family, components = load_single_file(path, allow_pickle=allow_pickle, torch_dtype=dtype)
         components["vae"].to(vae_dtype)
         return LoadedModel(family, components, path.stem)
-    if _HUB_ID.match(str(model)) and not str(model).startswith("."):
+    if _HUB_ID.match(str(model)):
         loaded = load_folder(_download(str(model), allow_pickle), allow_pickle, dtype, vae_dtype)
         loaded.name = str(model)
         return loaded

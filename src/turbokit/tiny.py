@@ -115,6 +115,9 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, object]:
 
 def save_tiny_model(path: str | Path, family: str = "sd2", seed: int = 0) -> Path:
     """Write a tiny random model as a diffusers folder that both diffusers and turbokit load."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # the pipelines' image-processor imports warn about torchvision
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     components = tiny_components(family, seed)
