@@ -82,3 +82,16 @@ def test_noise_rows_depend_only_on_their_own_generator():
     batch = sampling.noise((3, 4, 8, 8), g, torch.device("cpu"), torch.float32)
     alone = sampling.noise((1, 4, 8, 8), [torch.Generator().manual_seed(6)], torch.device("cpu"), torch.float32)
     assert torch.equal(batch[1:2], alone)
+
+
+def test_vp_form_inverts_forward_diffusion(scheduler):
+    t = torch.tensor([0, 249, 999])
+    alpha, sigma = sampling.vp_coefficients(scheduler.alphas_cumprod, t)
+    torch.testing.assert_close(alpha**2 + sigma**2, torch.ones_like(alpha))
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    x_t = sampling.add_noise_vp(x0, eps, alpha, sigma)
+    torch.testing.assert_close(sampling.x0_from_output_vp(x_t, eps, alpha, sigma, "epsilon"), x0, atol=1e-3, rtol=1e-3)
+    v = alpha * eps - sigma * x0
+    torch.testing.assert_close(
+        sampling.x0_from_output_vp(x_t, v, alpha, sigma, "v_prediction"), x0, atol=1e-4, rtol=1e-4
+    )

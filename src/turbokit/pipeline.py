@@ -41,12 +41,16 @@ MAX_SEED = 2**63 - 1
 class GenerationResult:
     """The images of one call and, for each, the parameters that reproduce it."""
 
-    pixels: torch.Tensor
-    """(N, 3, H, W) float images in [0, 1], before 8-bit rounding."""
+    pixels: torch.Tensor | None
+    """(N, 3, H, W) float images in [0, 1], before 8-bit rounding (None when called with decode=False)."""
     parameters: list[GenerationParameters]
+    latents: torch.Tensor
+    """(N, C, H/8, W/8) final latents in the UNet's (scaled) latent space, on the pipeline's device."""
 
     @functools.cached_property
     def images(self) -> list[Image.Image]:
+        if self.pixels is None:
+            raise ValueError("this result was made with decode=False: it has latents only")
         return tensor_to_pil(self.pixels)
 
     @property
@@ -135,12 +139,14 @@ class TurboPipeline:
         strength: float = 0.5,
         sampler: str | None = None,
         callback: Callable[[int], None] | None = None,
+        decode: bool = True,
     ) -> GenerationResult:
         """Text-to-image, or image-to-image when `image` is given (then `int(steps × strength)` steps run).
 
         A prompt list gives `num_images` images per prompt. `seed` is a base seed (image i gets
         seed + i), one seed per image, or None for a random base; the same seed always gives the
-        same image, whatever else is in the batch. `callback(i)` runs after each step."""
+        same image, whatever else is in the batch. `callback(i)` runs after each step; with
+        `decode=False` only the latents are returned (e.g. to cache a teacher's samples)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or num_images < 1:
             raise InvalidRequestError("nothing to generate: give at least one prompt and num_images ≥ 1")
@@ -198,7 +204,7 @@ class TurboPipeline:
 
         ancestral = generators if sampler == "euler_a" else None
         x = sampling.sample_euler(denoise, x, sigmas, ancestral, callback)
-        pixels = self.decode(x).cpu()
+        pixels = self.decode(x).cpu() if decode else None
         params = [
             GenerationParameters(
                 prompt=p,
@@ -214,7 +220,7 @@ class TurboPipeline:
             )
             for p, s in zip(prompts, seeds, strict=True)
         ]
-        return GenerationResult(pixels, params)
+        return GenerationResult(pixels, params, x)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [0, 1], through the tiny decoder when one is loaded."""

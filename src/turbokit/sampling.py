@@ -119,3 +119,30 @@ def sample_euler(
         if callback is not None:
             callback(i)
     return x
+
+
+# ---------------------------------------------------------------- training-time (variance-preserving) form
+
+
+def vp_coefficients(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) at integer timesteps `t`, shaped (B, 1, 1, 1) to broadcast over images."""
+    abar = alphas_cumprod.to(t.device)[t.long()].float().view(-1, 1, 1, 1)
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def add_noise_vp(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion x_t = α_t·x₀ + σ_t·ε (ADD eq. for x_s and for re-noising x̂)."""
+    return alpha * x0 + sigma * eps
+
+
+def x0_from_output_vp(
+    x_t: torch.Tensor, model_output: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """x̂₀ from a UNet output in the VP form: ε-prediction (x_t − σ·ε̂)/α; v-prediction α·x_t − σ·v̂."""
+    if prediction_type == "epsilon":
+        return (x_t - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
