@@ -105,7 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", default=None)
     info.add_argument("--allow-pickle", action="store_true")
     info.add_argument("-q", "--quiet", action="store_true")
+    distill = sub.add_parser(
+        "distill",
+        help="distil a model into a Turbo model (ADD / LADD)",
+        description="Adversarial Diffusion Distillation. Runs on one device, or on many under `accelerate launch`.",
+    )
+    from turbokit.distill.config import add_arguments
+
+    add_arguments(distill)
     return parser
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from turbokit.distill.config import config_from_args
+    from turbokit.distill.trainer import train
+
+    path = train(config_from_args(args))
+    log.info(f"exported the student to {path}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -200,10 +216,12 @@ def _configure_logging(quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.quiet)
+    _configure_logging(getattr(args, "quiet", False))
     try:
         if args.command == "info":
             _info(args)
+        elif args.command == "distill":
+            _distill(args)
         else:
             _generate(args)
     except TurbokitError as err:

@@ -50,13 +50,15 @@ class SDFamily:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the trainer feeds these embeddings to a UNet under autograd
     def encode(self, prompts: list[str]) -> Conditioning:
         ids = _token_ids(self.tokenizer, prompts).to(self.text_encoder.device)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = (ids != self.tokenizer.pad_token_id).long()
-        return Conditioning(self.text_encoder(ids, attention_mask=mask)[0])
+        out = self.text_encoder(ids, attention_mask=mask)
+        # The pooled (end-token) embedding is not a UNet input for SD, but ADD's discriminator is conditioned on it.
+        return Conditioning(out.last_hidden_state, out.pooler_output)
 
     def unet_kwargs(self, cond: Conditioning, height: int, width: int) -> dict[str, object]:
         return {}
@@ -80,7 +82,7 @@ class SDXLFamily:
         # SDXL's negative conditioning is all zeros when no negative prompt is given.
         self.zero_negative = force_zeros_for_empty_prompt
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         hidden, pooled = [], None
         for tokenizer, encoder in self.encoders:

@@ -1,0 +1,175 @@
+"""One ADD / LADD training step: student forward → discriminator update → generator update.
+
+Read top to bottom next to ADD §2 (docs: shared add-method.md): the student denoises a noised real
+latent; the discriminator learns real from fake (hinge + R1 on its heads' inputs); the student
+learns to fool it while matching the frozen teacher's x̂₀ of its re-noised output (λ·L_distill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from turbokit import sampling
+from turbokit.distill import losses
+from turbokit.distill.config import DistillConfig
+from turbokit.families import Conditioning
+
+
+@dataclass
+class StepModels:
+    """What a step touches. `student` and `disc` may be DDP-wrapped; `disc_module` is the bare module."""
+
+    student: nn.Module
+    teacher: nn.Module
+    vae: nn.Module
+    disc: nn.Module
+    disc_module: nn.Module
+    alphas_cumprod: Tensor
+    prediction_type: str
+    scaling_factor: float
+
+
+@dataclass
+class StepBatch:
+    """A batch ready for the step: latents x₀, real pixels (add only), text conditioning and UNet extras."""
+
+    x0: Tensor
+    pixels: Tensor | None
+    cond: Conditioning
+    uncond: Conditioning
+    unet_kwargs: dict
+    uncond_unet_kwargs: dict
+    negative: Conditioning | None = None  # NFSD's negative prompt (only for --distill_weighting nfsd)
+    negative_unet_kwargs: dict | None = None
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Heads take no gradient during the generator update: it is not theirs, and it would leak into
+    their accumulated gradients."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def x0_prediction(unet: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning, kwargs: dict, m: StepModels) -> Tensor:
+    """x̂₀ of a UNet at timesteps t (ε- or v-prediction, the model's own parameterisation)."""
+    alpha, sigma = sampling.vp_coefficients(m.alphas_cumprod, t)
+    out = unet(x_t.to(cond.embeds.dtype), t, encoder_hidden_states=cond.embeds, return_dict=False, **kwargs)[0]
+    return sampling.x0_from_output_vp(x_t, out.float(), alpha, sigma, m.prediction_type)
+
+
+def teacher_x0(x_t: Tensor, t: Tensor, b: StepBatch, m: StepModels, guidance: Tensor) -> Tensor:
+    """The frozen teacher's x̂₀ (one step, optionally with per-sample classifier-free guidance)."""
+    with torch.no_grad():
+        cond_x0 = x0_prediction(m.teacher, x_t, t, b.cond, b.unet_kwargs, m)
+        if bool((guidance <= 1).all()):
+            return cond_x0
+        uncond_x0 = x0_prediction(m.teacher, x_t, t, b.uncond, b.uncond_unet_kwargs, m)
+        w = guidance.view(-1, 1, 1, 1)
+        return uncond_x0 + w * (cond_x0 - uncond_x0)  # guidance on x̂₀ equals guidance on ε at fixed x_t
+
+
+def nfsd_target_x0(x_hat: Tensor, x_hat_t: Tensor, t: Tensor, b: StepBatch, m: StepModels) -> Tensor:
+    """The Noise-Free Score Distillation target (Katzir et al. 2023) from the teacher's ε̂ with the prompt,
+    the empty prompt and NFSD's negative prompt (see `losses.nfsd_target`)."""
+    alpha, sigma = sampling.vp_coefficients(m.alphas_cumprod, t)
+    with torch.no_grad():
+        eps = [
+            (x_hat_t - alpha * x0_prediction(m.teacher, x_hat_t, t, cond, kwargs, m)) / sigma
+            for cond, kwargs in (
+                (b.cond, b.unet_kwargs),
+                (b.uncond, b.uncond_unet_kwargs),
+                (b.negative, b.negative_unet_kwargs),
+            )
+        ]
+    return losses.nfsd_target(x_hat.detach(), *eps, t, alpha, sigma)
+
+
+def decode(vae: nn.Module, latents: Tensor, scaling_factor: float) -> Tensor:
+    """Latents → pixels in [-1, 1] through the frozen VAE (differentiable w.r.t. the latents)."""
+    return vae.decode((latents / scaling_factor).to(vae.dtype)).sample.float()
+
+
+def distill_step(
+    b: StepBatch,
+    m: StepModels,
+    cfg: DistillConfig,
+    gen: torch.Generator,
+    disc_inputs: Callable[[Tensor, Tensor | None, StepBatch], tuple[Tensor, dict]],
+    d_update: Callable[[Tensor], None],
+    g_update: Callable[[Tensor], None],
+) -> dict[str, float]:
+    """One optimisation step; returns the logged scalars.
+
+    `disc_inputs(latents, pixels, batch)` gives what the discriminator sees and its condition
+    kwargs (add: pixels + text/image embeddings; ladd: re-noised latents + noise level + text);
+    `d_update` / `g_update` backpropagate a loss and step the matching optimizer."""
+    device, n = b.x0.device, b.x0.shape[0]
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+
+    # Student: x_s = α_s·x₀ + σ_s·ε at s ∈ {τ_1..τ_N}, then x̂ = student's x̂₀.
+    taus = torch.tensor(cfg.student_timestep_list)
+    s = taus[torch.randint(len(taus), (n,), generator=gen)].to(device)
+    alpha_s, sigma_s = sampling.vp_coefficients(m.alphas_cumprod, s)
+    if cfg.zero_terminal_snr:  # at the terminal step the input is pure noise, exactly as at inference
+        alpha_s = torch.where(s.view(-1, 1, 1, 1) == 999, torch.zeros_like(alpha_s), alpha_s)
+    x_s = sampling.add_noise_vp(b.x0, rand(*b.x0.shape), alpha_s, sigma_s)
+    x_hat = x0_prediction(m.student, x_s, s, b.cond, b.unet_kwargs, m)
+    fake_pixels = decode(m.vae, x_hat, m.scaling_factor) if b.pixels is not None or cfg.distill_in_pixels else None
+
+    # Discriminator: hinge on real vs sg(fake), plus γ·R1 on the real features each head receives.
+    real_in, real_cond = disc_inputs(b.x0, b.pixels, b)
+    fake_in, fake_cond = disc_inputs(x_hat.detach(), None if fake_pixels is None else fake_pixels.detach(), b)
+    real_features = [f.detach().requires_grad_(True) for f in m.disc_module.features(real_in, **real_cond["features"])]
+    real_logits = m.disc(real_features, **real_cond["heads"])
+    fake_logits = m.disc(m.disc_module.features(fake_in, **fake_cond["features"]), **fake_cond["heads"])
+    loss_d = losses.hinge_discriminator_loss(real_logits, fake_logits)
+    r1 = losses.r1_penalty(real_logits, real_features) if cfg.r1_gamma > 0 else torch.zeros((), device=device)
+    d_update(loss_d + cfg.r1_gamma * r1)
+    acc_real, acc_fake = losses.discriminator_accuracy(real_logits, fake_logits)
+
+    # Generator: fool the (now updated) discriminator, and match the teacher's x̂₀ of the re-noised x̂.
+    with frozen(m.disc_module):
+        g_in, g_cond = disc_inputs(x_hat, fake_pixels, b)
+        g_logits = m.disc_module.head_logits(m.disc_module.features(g_in, **g_cond["features"]), **g_cond["heads"])
+    loss_adv = losses.hinge_generator_loss(g_logits)
+    t_lo, t_hi = cfg.teacher_t_range
+    t = torch.randint(t_lo, t_hi, (n,), generator=gen).to(device)
+    alpha_t, sigma_t = sampling.vp_coefficients(m.alphas_cumprod, t)
+    x_hat_t = sampling.add_noise_vp(x_hat.detach(), rand(*b.x0.shape), alpha_t, sigma_t)
+    g_lo, g_hi = cfg.guidance_range
+    guidance = (g_lo + (g_hi - g_lo) * torch.rand(n, generator=gen)).to(device)
+    if cfg.distill_weighting == "nfsd":
+        target = nfsd_target_x0(x_hat, x_hat_t, t, b, m)
+    else:
+        target = teacher_x0(x_hat_t, t, b, m, guidance)
+    weight = losses.distill_weighting(cfg.distill_weighting, alpha_t.flatten(), sigma_t.flatten())
+    if cfg.distill_in_pixels:
+        with torch.no_grad():
+            target_pixels = decode(m.vae, target, m.scaling_factor)
+        loss_distill = losses.distillation_loss(fake_pixels, target_pixels, weight)
+    else:
+        loss_distill = losses.distillation_loss(x_hat, target, weight)
+    loss_g = losses.generator_loss(cfg.adversarial_weight * loss_adv, loss_distill, cfg.distill_lambda_value)
+    g_update(loss_g)
+
+    return {
+        "loss/discriminator": loss_d.item(),
+        "loss/r1": r1.item(),
+        "loss/adversarial": loss_adv.item(),
+        "loss/distillation": loss_distill.item(),
+        "loss/generator": loss_g.item(),
+        "disc/accuracy_real": acc_real,
+        "disc/accuracy_fake": acc_fake,
+    }

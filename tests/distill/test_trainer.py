@@ -1,0 +1,151 @@
+"""`turbokit distill` end to end on tiny models: it trains, exports, resumes exactly, and refuses bad input early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import Dinov2Config, Dinov2Model
+
+from turbokit import TurboPipeline
+from turbokit.cli import main
+from turbokit.distill.config import DistillConfig
+from turbokit.distill.trainer import train
+from turbokit.loading import load_model
+
+COLOURS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
+
+
+@pytest.fixture(scope="module")
+def dino(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dino")
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56
+    )
+    Dinov2Model(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    for i, colour in enumerate(COLOURS):
+        Image.new("RGB", (64, 64), colour).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"a {colour} square")
+    return root
+
+
+def _config(tiny_models, dino, images, out: Path, **overrides) -> DistillConfig:
+    values = dict(
+        teacher=str(tiny_models["sd2"]),
+        data=str(images),
+        output_dir=str(out),
+        dino_model=str(dino),
+        train_batch_size=2,
+        max_train_steps=2,
+        checkpointing_steps=1,
+        report_to="none",
+        progress=False,
+        learning_rate=1e-3,
+        disc_learning_rate=1e-3,
+    )
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def _unet_state(path: Path) -> dict[str, torch.Tensor]:
+    return (
+        load_model(path, allow_pickle=False, dtype=torch.float32, vae_dtype=torch.float32)
+        .components["unet"]
+        .state_dict()
+    )
+
+
+def test_add_trains_and_exports_a_loadable_turbo_student(tiny_models, dino, images, tmp_path):
+    student_dir = train(_config(tiny_models, dino, images, tmp_path / "run"))
+    teacher, student = _unet_state(tiny_models["sd2"]), _unet_state(student_dir)
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # it learned something
+    pipe = TurboPipeline.from_pretrained(student_dir, device="cpu", dtype="fp32")
+    assert pipe("a red square", seed=0).images[0].size == (64, 64)
+    from diffusers import AutoPipelineForText2Image
+
+    theirs = AutoPipelineForText2Image.from_pretrained(student_dir)
+    assert theirs.scheduler.config.timestep_spacing == "trailing"
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_models, dino, images, tmp_path):
+    straight = train(_config(tiny_models, dino, images, tmp_path / "straight", max_train_steps=3))
+    _ = train(_config(tiny_models, dino, images, tmp_path / "split", max_train_steps=1))
+    resumed = train(
+        _config(tiny_models, dino, images, tmp_path / "split", max_train_steps=3, resume_from_checkpoint="latest")
+    )
+    a, b = _unet_state(straight), _unet_state(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_ladd_trains_on_latents(tiny_models, images, tmp_path, family):
+    cfg = DistillConfig(
+        teacher=str(tiny_models[family]),
+        data=str(images),
+        output_dir=str(tmp_path / family),
+        method="ladd",
+        train_batch_size=2,
+        max_train_steps=1,
+        checkpointing_steps=1,
+        report_to="none",
+        progress=False,
+    )
+    assert (train(cfg) / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "IMAGES", "--output_dir", "OUT"], "--teacher is required"),
+        (
+            ["--teacher", "TEACHER", "--data", "/no/such/data", "--output_dir", "OUT", "--method", "ladd"],
+            "/no/such/data",
+        ),
+        (["--teacher", "TEACHER", "--data", "IMAGES", "--output_dir", "OUT"], "--dino_model"),
+        (
+            ["--teacher", "TEACHER", "--data", "IMAGES", "--output_dir", "OUT", "--method", "add", "--synthetic"],
+            "--synthetic",
+        ),
+        (["--teacher", "/no/teacher", "--data", "IMAGES", "--output_dir", "OUT", "--method", "ladd"], "not found"),
+        (["--teacher", "TEACHER", "--data", "EMPTY", "--output_dir", "OUT", "--method", "ladd"], "EMPTY"),
+        (
+            [
+                "--teacher",
+                "TEACHER",
+                "--data",
+                "IMAGES",
+                "--output_dir",
+                "OUT",
+                "--method",
+                "ladd",
+                "--student_timesteps",
+                "999,1200",
+            ],
+            "student_timesteps",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_before_heavy_work(argv, message, tiny_models, images, tmp_path, capsys):
+    (tmp_path / "EMPTY").mkdir()
+    subst = {
+        "IMAGES": str(images),
+        "OUT": str(tmp_path / "out"),
+        "TEACHER": str(tiny_models["sd2"]),
+        "EMPTY": str(tmp_path / "EMPTY"),
+    }
+    code = main(["distill", *[subst.get(a, a) for a in argv], "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message.replace("EMPTY", str(tmp_path / "EMPTY")) in err
+    assert "Traceback" not in err
