@@ -149,3 +149,122 @@ def test_bad_input_is_one_line_before_heavy_work(argv, message, tiny_models, ima
     assert code == 2
     assert message.replace("EMPTY", str(tmp_path / "EMPTY")) in err
     assert "Traceback" not in err
+
+
+def test_lora_trains_only_the_adapter_and_exports_it(tiny_models, dino, images, tmp_path):
+    student_dir = train(
+        _config(tiny_models, dino, images, tmp_path / "lora", use_lora=True, lora_rank=4, max_train_steps=1)
+    )
+    assert (student_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    teacher, merged = _unet_state(tiny_models["sd2"]), _unet_state(student_dir)
+    assert set(teacher) == set(merged)  # a plain UNet, adapter folded in
+    changed = [k for k in teacher if not torch.equal(teacher[k], merged[k])]
+    assert changed and all("attn" in k for k in changed)  # only the attention projections LoRA targets
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd2"])
+    pipe.load_lora_weights(student_dir / "lora")  # diffusers reads the LoRA as its own format
+
+
+def test_tensorboard_gets_losses_grad_norms_and_validation_images(tiny_models, dino, images, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(
+        _config(
+            tiny_models,
+            dino,
+            images,
+            tmp_path / "tb",
+            report_to="tensorboard",
+            logging_steps=1,
+            validation_steps=2,
+            use_ema=True,
+            ema_decay=0.5,
+        )
+    )
+    events = EventAccumulator(str(next((tmp_path / "tb" / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {
+        "loss/discriminator",
+        "loss/generator",
+        "loss/distillation",
+        "loss/r1",
+        "disc/accuracy_real",
+        "disc/accuracy_fake",
+        "grad_norm/student",
+        "grad_norm/discriminator",
+    }
+    assert expected <= scalars
+    assert {"validation/1_steps", "validation/4_steps"} <= set(events.Tags()["images"])
+
+
+def test_precision_accumulation_checkpointing_and_pruning(tiny_models, dino, images, tmp_path):
+    out = tmp_path / "opts"
+    train(
+        _config(
+            tiny_models,
+            dino,
+            images,
+            out,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            gradient_accumulation_steps=2,
+            max_train_steps=3,
+            checkpoints_total_limit=1,
+            teacher_guidance_scale="2,4",
+            distill_weighting="sds",
+        )
+    )
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert not list(out.glob(".checkpoint-*"))  # no partial saves left behind
+
+
+def test_single_file_export_round_trips(tiny_models, dino, images, tmp_path):
+    student_dir = train(
+        _config(
+            tiny_models,
+            dino,
+            images,
+            tmp_path / "sf",
+            export_single_file=True,
+            max_train_steps=1,
+            distill_weighting="nfsd",
+        )
+    )
+    single = student_dir.with_suffix(".safetensors")
+    folder, from_file = _unet_state(student_dir), _unet_state(single)
+    for key in folder:
+        torch.testing.assert_close(from_file[key], folder[key], atol=2e-3, rtol=1e-2)  # fp16 file
+    pipe = TurboPipeline.from_pretrained(single, device="cpu", dtype="fp32")
+    assert pipe.family_name == "sd2" and pipe.default_sampler == "euler"
+
+
+def test_sdxl_add_with_micro_conditioning(tiny_models, dino, images, tmp_path):
+    student_dir = train(
+        _config(tiny_models, dino, images, tmp_path / "xl", teacher=str(tiny_models["sdxl"]), max_train_steps=1)
+    )
+    pipe = TurboPipeline.from_pretrained(student_dir, device="cpu", dtype="fp32")
+    assert pipe.family_name == "sdxl" and pipe.default_sampler == "euler_a"
+
+
+def test_ladd_on_synthetic_teacher_latents(tiny_models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\na green star\n")
+    cfg = DistillConfig(
+        teacher=str(tiny_models["sd2"]),
+        data=str(prompts),
+        output_dir=str(tmp_path / "syn"),
+        method="ladd",
+        synthetic=True,
+        synthetic_steps=2,
+        num_synthetic_samples=4,
+        train_batch_size=2,
+        max_train_steps=2,
+        checkpointing_steps=2,
+        report_to="none",
+        progress=False,
+    )
+    assert cfg.distill_lambda_value == 0.0  # LADD on synthetic data: adversarial loss only
+    assert (train(cfg) / "model_index.json").is_file()
+    assert (tmp_path / "syn" / "synthetic-cache").is_dir()

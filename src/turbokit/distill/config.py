@@ -103,6 +103,7 @@ class DistillConfig:
     mixed_precision: str = _opt("no", "no | fp16 | bf16 (accelerate)", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "recompute student activations in backward (less memory)")
     seed: int = _opt(0, "seed of data order, noise and initialisation")
+    dataloader_num_workers: int = _opt(0, "threads decoding images (the next batch is prepared while training)")
     # --- bookkeeping
     checkpointing_steps: int = _opt(500, "save a resumable checkpoint every N steps")
     checkpoints_total_limit: int = _opt(0, "keep only the newest N checkpoints (0: all)")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.schedulers import EulerDiscreteScheduler
@@ -131,6 +131,7 @@ def train(cfg: DistillConfig) -> Path:
         seed=cfg.seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        num_workers=cfg.dataloader_num_workers,
     )
 
     # Frozen parts in the compute dtype; the student keeps fp32 master weights (autocast does the rest).
@@ -200,24 +201,28 @@ def train(cfg: DistillConfig) -> Path:
             uncond_cache[n] = empty.zeros_like() if family.zero_negative else empty
         return uncond_cache[n]
 
+    grad_norms: dict[str, float] = {}
+
     def d_update(loss: Tensor) -> None:
         accelerator.backward(loss)
-        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(disc.trainable_parameters(), cfg.max_grad_norm)
+        if accelerator.sync_gradients:
+            grad_norms["grad_norm/discriminator"] = _clip(accelerator, disc.trainable_parameters(), cfg.max_grad_norm)
         opt_d.step()
         sched_d.step()
         opt_d.zero_grad(set_to_none=True)
 
-    grad_norms: dict[str, float] = {}
-
     def g_update(loss: Tensor) -> None:
         accelerator.backward(loss)
-        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-            grad_norms["grad_norm/student"] = float(accelerator.clip_grad_norm_(student_params, cfg.max_grad_norm))
+        if accelerator.sync_gradients:
+            grad_norms["grad_norm/student"] = _clip(accelerator, student_params, cfg.max_grad_norm)
         opt_g.step()
         sched_g.step()
         opt_g.zero_grad(set_to_none=True)
 
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"family": teacher.family, "teacher": cfg.teacher, "method": cfg.method}
+        (out / "run.json").write_text(json.dumps(run, indent=2))
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("turbokit-distill", config={k: v for k, v in vars(cfg).items() if v is not None})
     bar = tqdm(
@@ -259,7 +264,15 @@ def train(cfg: DistillConfig) -> Path:
         if ema is not None:
             ema.restore(student_params)
     accelerator.end_training()
+    # accelerate keeps its settings (mixed precision, ...) process-wide; forget them so that a later
+    # train() in the same process may use others. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     return final
+
+
+def _clip(accelerator: Accelerator, params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip a model's own gradients to `max_norm` (0: measure only); returns the norm before clipping."""
+    return float(accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
 
 
 def _check_resume_family(resume: Path | None, family: str) -> None:
@@ -396,39 +409,27 @@ def _log_validation(
     ema: EMAModel | None,
     step: int,
 ) -> None:
-    """Images of the validation prompts at 1 and 4 steps, from a copy of the current student."""
-    import numpy as np
-
+    """Images of the validation prompts at 1 and 4 steps from a copy of the current (EMA) student, logged
+    to the trackers. The frozen parts are shared, in the precision they already have: nothing is cast."""
+    from turbokit.images import tensor_to_pil
     from turbokit.pipeline import TurboPipeline
-    from turbokit.precision import choose_precision
+    from turbokit.precision import Precision
 
     unet = copy.deepcopy(accelerator.unwrap_model(student))
     if ema is not None:
         ema.copy_to(unet.parameters())
-    components = {k: v for k, v in teacher.components.items() if k != "unet"}
-    model = LoadedModel(teacher.family, {**components, "unet": unet}, "student", teacher.extra)
-    pipe = TurboPipeline(model, accelerator.device, choose_precision(accelerator.device, "fp32"))
+    c = teacher.components
+    precision = Precision(compute=c["text_encoder"].dtype, vae=c["vae"].dtype)
+    model = LoadedModel(teacher.family, {**c, "unet": unet}, "student", teacher.extra)
+    pipe = TurboPipeline(model, accelerator.device, precision)
     prompts = [p for p in cfg.validation_prompts.split("|") if p.strip()]
     for steps in (1, 4):
-        images = pipe(prompts, steps=steps, seed=0).pixels
+        pixels = pipe(prompts, steps=steps, seed=0).pixels
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
-                tracker.writer.add_images(f"validation/{steps}_steps", images.numpy(), step, dataformats="NCHW")
+                tracker.writer.add_images(f"validation/{steps}_steps", pixels.numpy(), step, dataformats="NCHW")
             elif tracker.name == "wandb":
                 import wandb
 
-                tracker.log(
-                    {f"validation/{steps}_steps": [wandb.Image(np.asarray(i)) for i in pipe_images(images)]}, step=step
-                )
-    # the pipeline cast the text encoders to fp32 in place; restore the training dtype
-    for key in ("text_encoder", "text_encoder_2"):
-        if key in teacher.components:
-            teacher.components[key].to(_weight_dtype(cfg.mixed_precision))
-    del pipe, unet
-    math.isfinite(0.0)
-
-
-def pipe_images(pixels: Tensor) -> list:
-    from turbokit.images import tensor_to_pil
-
-    return tensor_to_pil(pixels)
+                images = [wandb.Image(img, caption=p) for img, p in zip(tensor_to_pil(pixels), prompts, strict=True)]
+                tracker.log({f"validation/{steps}_steps": images}, step=step)
