@@ -116,6 +116,7 @@ def train(cfg: DistillConfig) -> Path:
 
     # Data first: a bad path or an empty dataset fails before any model is loaded.
     source = distill_data.build_source(cfg.data, synthetic=cfg.synthetic)
+    dino = DinoFeatures.from_pretrained(cfg.dino_model) if cfg.method == "add" else None  # small; fails early
     teacher = load_model(cfg.teacher, allow_pickle=cfg.allow_pickle, dtype=torch.float32, vae_dtype=torch.float32)
     c = teacher.components
     unet_t, vae = c["unet"], c["vae"]
@@ -152,7 +153,9 @@ def train(cfg: DistillConfig) -> Path:
     student_params = [p for p in student.parameters() if p.requires_grad]
 
     set_seed(cfg.seed)  # the heads' random initialisation: the same run gives the same weights
-    disc = _build_disc(cfg, unet_t, teacher, family).to(device)
+    disc = build_discriminator(
+        cfg.method, dino=dino, teacher_unet=unet_t, text_dim=_pooled_dim(teacher), conditioning=cfg.disc_conditioning
+    ).to(device)
     heads = HeadLogits(disc)
     opt_g = torch.optim.AdamW(
         student_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay
@@ -283,14 +286,6 @@ def _check_resume_family(resume: Path | None, family: str) -> None:
         saved = json.loads(info.read_text()).get("family")
         if saved and saved != family:
             raise TurbokitError(f"{resume} was trained from a {saved} teacher, but --teacher is {family}")
-
-
-def _build_disc(cfg: DistillConfig, teacher_unet: nn.Module, teacher: LoadedModel, family: object) -> nn.Module:
-    text_dim = _pooled_dim(teacher)
-    if cfg.method == "add":
-        dino = DinoFeatures.from_pretrained(cfg.dino_model)
-        return build_discriminator("add", dino=dino, text_dim=text_dim, conditioning=cfg.disc_conditioning)
-    return build_discriminator("ladd", teacher_unet=teacher_unet, text_dim=text_dim, conditioning=cfg.disc_conditioning)
 
 
 def _pooled_dim(teacher: LoadedModel) -> int:
