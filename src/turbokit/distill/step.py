@@ -128,12 +128,16 @@ def distill_step(
     x_hat = x0_prediction(m.student, x_s, s, b.cond, b.unet_kwargs, m)
     fake_pixels = decode(m.vae, x_hat, m.scaling_factor) if b.pixels is not None or cfg.distill_in_pixels else None
 
-    # Discriminator: hinge on real vs sg(fake), plus γ·R1 on the real features each head receives.
+    # The frozen feature network sees x̂ once, with the graph kept: the discriminator update reads the
+    # features detached, the generator update backpropagates through them (heads change, features don't).
     real_in, real_cond = disc_inputs(b.x0, b.pixels, b)
-    fake_in, fake_cond = disc_inputs(x_hat.detach(), None if fake_pixels is None else fake_pixels.detach(), b)
+    fake_in, fake_cond = disc_inputs(x_hat, fake_pixels, b)
+    fake_features = m.disc_module.features(fake_in, **fake_cond["features"])
+
+    # Discriminator: hinge on real vs sg(fake), plus γ·R1 on the real features each head receives.
     real_features = [f.detach().requires_grad_(True) for f in m.disc_module.features(real_in, **real_cond["features"])]
     real_logits = m.disc(real_features, **real_cond["heads"])
-    fake_logits = m.disc(m.disc_module.features(fake_in, **fake_cond["features"]), **fake_cond["heads"])
+    fake_logits = m.disc([f.detach() for f in fake_features], **fake_cond["heads"])
     loss_d = losses.hinge_discriminator_loss(real_logits, fake_logits)
     r1 = losses.r1_penalty(real_logits, real_features) if cfg.r1_gamma > 0 else torch.zeros((), device=device)
     d_update(loss_d + cfg.r1_gamma * r1)
@@ -141,26 +145,26 @@ def distill_step(
 
     # Generator: fool the (now updated) discriminator, and match the teacher's x̂₀ of the re-noised x̂.
     with frozen(m.disc_module):
-        g_in, g_cond = disc_inputs(x_hat, fake_pixels, b)
-        g_logits = m.disc_module.head_logits(m.disc_module.features(g_in, **g_cond["features"]), **g_cond["heads"])
-    loss_adv = losses.hinge_generator_loss(g_logits)
-    t_lo, t_hi = cfg.teacher_t_range
-    t = torch.randint(t_lo, t_hi, (n,), generator=gen).to(device)
-    alpha_t, sigma_t = sampling.vp_coefficients(m.alphas_cumprod, t)
-    x_hat_t = sampling.add_noise_vp(x_hat.detach(), rand(*b.x0.shape), alpha_t, sigma_t)
-    g_lo, g_hi = cfg.guidance_range
-    guidance = (g_lo + (g_hi - g_lo) * torch.rand(n, generator=gen)).to(device)
-    if cfg.distill_weighting == "nfsd":
-        target = nfsd_target_x0(x_hat, x_hat_t, t, b, m)
-    else:
-        target = teacher_x0(x_hat_t, t, b, m, guidance)
-    weight = losses.distill_weighting(cfg.distill_weighting, alpha_t.flatten(), sigma_t.flatten())
-    if cfg.distill_in_pixels:
-        with torch.no_grad():
-            target_pixels = decode(m.vae, target, m.scaling_factor)
-        loss_distill = losses.distillation_loss(fake_pixels, target_pixels, weight)
-    else:
-        loss_distill = losses.distillation_loss(x_hat, target, weight)
+        loss_adv = losses.hinge_generator_loss(m.disc_module.head_logits(fake_features, **fake_cond["heads"]))
+    loss_distill = torch.zeros((), device=device)
+    if cfg.distill_lambda_value > 0:  # LADD on synthetic data trains without the teacher's target
+        t_lo, t_hi = cfg.teacher_t_range
+        t = torch.randint(t_lo, t_hi, (n,), generator=gen).to(device)
+        alpha_t, sigma_t = sampling.vp_coefficients(m.alphas_cumprod, t)
+        x_hat_t = sampling.add_noise_vp(x_hat.detach(), rand(*b.x0.shape), alpha_t, sigma_t)
+        g_lo, g_hi = cfg.guidance_range
+        guidance = (g_lo + (g_hi - g_lo) * torch.rand(n, generator=gen)).to(device)
+        if cfg.distill_weighting == "nfsd":
+            target = nfsd_target_x0(x_hat, x_hat_t, t, b, m)
+        else:
+            target = teacher_x0(x_hat_t, t, b, m, guidance)
+        weight = losses.distill_weighting(cfg.distill_weighting, alpha_t.flatten(), sigma_t.flatten())
+        if cfg.distill_in_pixels:
+            with torch.no_grad():
+                target = decode(m.vae, target, m.scaling_factor)
+            loss_distill = losses.distillation_loss(fake_pixels, target, weight)
+        else:
+            loss_distill = losses.distillation_loss(x_hat, target, weight)
     loss_g = losses.generator_loss(cfg.adversarial_weight * loss_adv, loss_distill, cfg.distill_lambda_value)
     g_update(loss_g)
 
