@@ -50,10 +50,18 @@ def main(argv: list[str]) -> None:
             super().__init__(*args, **kwargs)
             seen.append(self)
             self.prepared: tuple = ()
+            self.where: dict = {}
 
         def prepare(self, *args, **kwargs):
             result = super().prepare(*args, **kwargs)
             self.prepared = result if isinstance(result, tuple) else (result,)
+            # read now: end_training() at the end of train() destroys the process group and resets the state
+            self.where = {
+                "rank": self.process_index,
+                "world_size": self.num_processes,
+                "distributed_type": self.distributed_type.value,
+                "backend": self.state.backend,
+            }
             return result
 
     class RecordingLoader(distill_data.ResumableLoader):
@@ -62,6 +70,14 @@ def main(argv: list[str]) -> None:
             captions.extend(batch.captions)
             return batch
 
+    discriminators: list = []
+    build_discriminator = trainer.build_discriminator
+
+    def recording_build_discriminator(*args, **kwargs):
+        discriminators.append(build_discriminator(*args, **kwargs))
+        return discriminators[-1]
+
+    trainer.build_discriminator = recording_build_discriminator
     trainer.Accelerator = RecordingAccelerator  # type: ignore[misc]
     distill_data.ResumableLoader = RecordingLoader  # type: ignore[misc]
 
@@ -82,15 +98,13 @@ def main(argv: list[str]) -> None:
     trainer.train(cfg)
 
     accelerator = seen[0]
-    rank, world = accelerator.process_index, accelerator.num_processes
-    student, heads = (accelerator.unwrap_model(m) for m in accelerator.prepared[:2])
+    rank = accelerator.where["rank"]
+    student = accelerator.unwrap_model(accelerator.prepared[0])
+    heads = discriminators[0].heads  # replicated, averaged by the trainer itself (not wrapped by accelerate)
     digest = state_digest(student)
     Path(out, f"rank-{rank}.sha256").write_text(digest + "\n")
     info = {
-        "rank": rank,
-        "world_size": world,
-        "distributed_type": str(accelerator.distributed_type),
-        "backend": accelerator.state.backend,
+        **accelerator.where,
         "student_wrapped_in": type(accelerator.prepared[0]).__name__,
         "student_sha256": digest,
         "heads_sha256": state_digest(heads),

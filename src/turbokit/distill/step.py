@@ -22,13 +22,13 @@ from turbokit.families import Conditioning
 
 @dataclass
 class StepModels:
-    """What a step touches. `student` and `disc` may be DDP-wrapped; `disc_module` is the bare module."""
+    """What a step touches. `student` may be wrapped by accelerate (DDP, FSDP, DeepSpeed); the
+    discriminator never is: its small heads are synchronised by the trainer's `d_update`."""
 
     student: nn.Module
     teacher: nn.Module
     vae: nn.Module
     disc: nn.Module
-    disc_module: nn.Module
     alphas_cumprod: Tensor
     prediction_type: str
     scaling_factor: float
@@ -132,20 +132,20 @@ def distill_step(
     # features detached, the generator update backpropagates through them (heads change, features don't).
     real_in, real_cond = disc_inputs(b.x0, b.pixels, b)
     fake_in, fake_cond = disc_inputs(x_hat, fake_pixels, b)
-    fake_features = m.disc_module.features(fake_in, **fake_cond["features"])
+    fake_features = m.disc.features(fake_in, **fake_cond["features"])
 
     # Discriminator: hinge on real vs sg(fake), plus γ·R1 on the real features each head receives.
-    real_features = [f.detach().requires_grad_(True) for f in m.disc_module.features(real_in, **real_cond["features"])]
-    real_logits = m.disc(real_features, **real_cond["heads"])
-    fake_logits = m.disc([f.detach() for f in fake_features], **fake_cond["heads"])
+    real_features = [f.detach().requires_grad_(True) for f in m.disc.features(real_in, **real_cond["features"])]
+    real_logits = m.disc.head_logits(real_features, **real_cond["heads"])
+    fake_logits = m.disc.head_logits([f.detach() for f in fake_features], **fake_cond["heads"])
     loss_d = losses.hinge_discriminator_loss(real_logits, fake_logits)
     r1 = losses.r1_penalty(real_logits, real_features) if cfg.r1_gamma > 0 else torch.zeros((), device=device)
     d_update(loss_d + cfg.r1_gamma * r1)
     acc_real, acc_fake = losses.discriminator_accuracy(real_logits, fake_logits)
 
     # Generator: fool the (now updated) discriminator, and match the teacher's x̂₀ of the re-noised x̂.
-    with frozen(m.disc_module):
-        loss_adv = losses.hinge_generator_loss(m.disc_module.head_logits(fake_features, **fake_cond["heads"]))
+    with frozen(m.disc):
+        loss_adv = losses.hinge_generator_loss(m.disc.head_logits(fake_features, **fake_cond["heads"]))
     loss_distill = torch.zeros((), device=device)
     if cfg.distill_lambda_value > 0:  # LADD on synthetic data trains without the teacher's target
         t_lo, t_hi = cfg.teacher_t_range

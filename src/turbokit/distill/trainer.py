@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -56,19 +57,6 @@ class TrainState:
         self.loader.load_state_dict(state["loader"])
 
 
-class HeadLogits(nn.Module):
-    """The discriminator's trainable heads as a module of their own: DDP syncs exactly them, and
-    checkpoints hold them without the frozen feature network (for LADD, a whole teacher UNet)."""
-
-    def __init__(self, disc: nn.Module) -> None:
-        super().__init__()
-        self.heads = disc.heads
-        self._disc = [disc]  # in a list: not a submodule, so its frozen network stays out of state_dict
-
-    def forward(self, features: list[Tensor], **cond: Tensor) -> list[Tensor]:
-        return self._disc[0].head_logits(features, **cond)
-
-
 def _family(model: LoadedModel) -> SDFamily | SDXLFamily:
     c = model.components
     if model.family == "sdxl":
@@ -112,6 +100,13 @@ def train(cfg: DistillConfig) -> Path:
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise TurbokitError(
+            "launched as several processes that did not join one process group (each would train alone); "
+            "on CPUs set ACCELERATE_USE_CPU=true, on GPUs check the accelerate config"
+        )
+    if cfg.use_lora and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise TurbokitError("--use_lora is supported with DDP, not with FSDP or DeepSpeed (LoRA fits one GPU)")
     device, weight_dtype = accelerator.device, _weight_dtype(cfg.mixed_precision)
 
     # Data first: a bad path or an empty dataset fails before any model is loaded.
@@ -156,7 +151,6 @@ def train(cfg: DistillConfig) -> Path:
     disc = build_discriminator(
         cfg.method, dino=dino, teacher_unet=unet_t, text_dim=_pooled_dim(teacher), conditioning=cfg.disc_conditioning
     ).to(device)
-    heads = HeadLogits(disc)
     opt_g = torch.optim.AdamW(
         student_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay
     )
@@ -166,11 +160,22 @@ def train(cfg: DistillConfig) -> Path:
         betas=(cfg.disc_adam_beta1, cfg.disc_adam_beta2),
         weight_decay=cfg.adam_weight_decay,
     )
-    n_sched = cfg.max_train_steps * accelerator.num_processes
-    warm = cfg.lr_warmup_steps * accelerator.num_processes
-    sched_g = get_scheduler(cfg.lr_scheduler, opt_g, num_warmup_steps=warm, num_training_steps=n_sched)
-    sched_d = get_scheduler(cfg.lr_scheduler, opt_d, num_warmup_steps=warm, num_training_steps=n_sched)
-    student, heads, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(student, heads, opt_g, opt_d, sched_g, sched_d)
+    # accelerate steps a prepared schedule once per process, hence the scaled counts for the student's.
+    n, warm = cfg.max_train_steps, cfg.lr_warmup_steps
+    sched_g = get_scheduler(
+        cfg.lr_scheduler,
+        opt_g,
+        num_warmup_steps=warm * accelerator.num_processes,
+        num_training_steps=n * accelerator.num_processes,
+    )
+    sched_d = get_scheduler(cfg.lr_scheduler, opt_d, num_warmup_steps=warm, num_training_steps=n)
+    # Only the student goes through accelerate (DDP / FSDP / DeepSpeed wrap exactly one model that way);
+    # the discriminator heads are small, replicated, and averaged across processes in d_update.
+    if accelerator.state.deepspeed_plugin is not None:  # no DataLoader is prepared, so DeepSpeed is told
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+    student, opt_g, sched_g = accelerator.prepare(student, opt_g, sched_g)
+    for part in (disc.heads, opt_d, sched_d):
+        accelerator.register_for_checkpointing(part)
 
     state = TrainState(cfg.seed + accelerator.process_index, loader)
     accelerator.register_for_checkpointing(state)
@@ -189,8 +194,7 @@ def train(cfg: DistillConfig) -> Path:
         student=student,
         teacher=unet_t,
         vae=vae,
-        disc=heads,
-        disc_module=disc,
+        disc=disc,
         alphas_cumprod=alphas_cumprod,
         prediction_type=c["scheduler"].config.get("prediction_type", "epsilon"),
         scaling_factor=vae.config.scaling_factor,
@@ -206,10 +210,16 @@ def train(cfg: DistillConfig) -> Path:
 
     grad_norms: dict[str, float] = {}
 
+    head_params = disc.trainable_parameters()
+
     def d_update(loss: Tensor) -> None:
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            grad_norms["grad_norm/discriminator"] = _clip(accelerator, disc.trainable_parameters(), cfg.max_grad_norm)
+        # The D graph never reaches the student (x̂ is detached), so a plain backward is the whole story.
+        (loss / cfg.gradient_accumulation_steps).backward()
+        if not accelerator.sync_gradients:
+            return
+        _average_across_processes(head_params, accelerator.num_processes)
+        norm = torch.nn.utils.clip_grad_norm_(head_params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norms["grad_norm/discriminator"] = float(norm)
         opt_d.step()
         sched_d.step()
         opt_d.zero_grad(set_to_none=True)
@@ -217,7 +227,8 @@ def train(cfg: DistillConfig) -> Path:
     def g_update(loss: Tensor) -> None:
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            grad_norms["grad_norm/student"] = _clip(accelerator, student_params, cfg.max_grad_norm)
+            # The prepared model's own parameters: what accelerate clips under FSDP and DeepSpeed too.
+            grad_norms["grad_norm/student"] = _clip(accelerator, list(student.parameters()), cfg.max_grad_norm)
         opt_g.step()
         sched_g.step()
         opt_g.zero_grad(set_to_none=True)
@@ -239,7 +250,7 @@ def train(cfg: DistillConfig) -> Path:
     while state.step < cfg.max_train_steps:
         for _ in range(cfg.gradient_accumulation_steps):
             raw = next(batches)
-            with accelerator.accumulate(student, heads), accelerator.autocast():
+            with accelerator.accumulate(student), accelerator.autocast():
                 batch = _prepare_batch(raw, family, models, teacher.family, state.generator, uncond, device, nfsd)
                 disc_inputs = _disc_inputs_fn(cfg, disc, models, state.generator)
                 logs = distill_step(batch, models, cfg, state.generator, disc_inputs, d_update, g_update)
@@ -253,24 +264,45 @@ def train(cfg: DistillConfig) -> Path:
             bar.set_postfix(d=f"{logs['loss/discriminator']:.3f}", g=f"{logs['loss/generator']:.3f}")
         if state.step % cfg.checkpointing_steps == 0 or state.step == cfg.max_train_steps:
             save_checkpoint(accelerator, out, state.step, cfg.checkpoints_total_limit)
-        if cfg.validation_steps and state.step % cfg.validation_steps == 0 and accelerator.is_main_process:
+        sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+        if (
+            cfg.validation_steps
+            and not sharded
+            and state.step % cfg.validation_steps == 0
+            and accelerator.is_main_process
+        ):
             _log_validation(cfg, accelerator, teacher, student, ema, state.step)
     bar.close()
     accelerator.wait_for_everyone()
     final = out / "student"
+    if ema is not None:
+        ema.store(student_params)
+        ema.copy_to(student_params)
+    full_state = accelerator.get_state_dict(student)  # gathers FSDP / ZeRO-3 shards; every process takes part
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(student)
-        if ema is not None:
-            ema.store(student_params)
-            ema.copy_to(student_params)
+        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            unet = copy.deepcopy(unet_t).float()
+            unet.load_state_dict(full_state)
         export_student(final, teacher, unet, cfg)
-        if ema is not None:
-            ema.restore(student_params)
+    if ema is not None:
+        ema.restore(student_params)
     accelerator.end_training()
     # accelerate keeps its settings (mixed precision, ...) process-wide; forget them so that a later
     # train() in the same process may use others. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
     return final
+
+
+def _average_across_processes(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce the heads' gradients to their mean (what DDP would do, without wrapping them)."""
+    if world_size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world_size
 
 
 def _clip(accelerator: Accelerator, params: list[nn.Parameter], max_norm: float) -> float:
