@@ -135,13 +135,14 @@ class TurboPipeline:
         height: int | None = None,
         num_images: int = 1,
         seed: int | list[int] | None = None,
-        image: Image.Image | None = None,
+        image: Image.Image | list[Image.Image] | None = None,
         strength: float = 0.5,
         sampler: str | None = None,
         callback: Callable[[int], None] | None = None,
         decode: bool = True,
     ) -> GenerationResult:
-        """Text-to-image, or image-to-image when `image` is given (then `int(steps × strength)` steps run).
+        """Text-to-image, or image-to-image when `image` is given (then `int(steps × strength)` steps run;
+        one image for the whole batch, or one per output image, e.g. the frames of a video).
 
         A prompt list gives `num_images` images per prompt. `seed` is a base seed (image i gets
         seed + i), one seed per image, or None for a random base; the same seed always gives the
@@ -154,7 +155,8 @@ class TurboPipeline:
         seeds = self._seeds(seed, len(prompts))
         sampler = self._sampler(sampler)
         if image is not None:
-            width, height = self._img2img_size(image, width, height)
+            images = [image] if isinstance(image, Image.Image) else list(image)
+            width, height = self._img2img_size(images[0], width, height)
         width, height = self._check_size(
             self.native_size if width is None else width, self.native_size if height is None else height
         )
@@ -189,7 +191,7 @@ class TurboPipeline:
         if image is None:
             x = sampling.noise(shape, generators, self.device, torch.float32) * sigmas[0]
         else:
-            latents = self._encode_image(image, width, height, generators)
+            latents = self._encode_images(images, width, height, generators)
             x = latents + sampling.noise(shape, generators, self.device, torch.float32) * sigmas[0]
 
         def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -250,14 +252,19 @@ class TurboPipeline:
         stats, sf = self._latent_stats(), self.vae.config.scaling_factor
         return x / sf if stats is None else x * stats[1] / sf + stats[0]
 
-    def _encode_image(
-        self, image: Image.Image, width: int, height: int, generators: list[torch.Generator]
+    def _encode_images(
+        self, images: list[Image.Image], width: int, height: int, generators: list[torch.Generator]
     ) -> torch.Tensor:
-        pixels = pil_to_tensor([resize(image, width, height)]).to(self.device, self.precision.vae)
+        if len(images) not in (1, len(generators)):
+            raise InvalidRequestError(f"{len(images)} input images for {len(generators)} outputs")
+        pixels = pil_to_tensor([resize(image, width, height) for image in images]).to(self.device, self.precision.vae)
         dist = self.vae.encode(pixels).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        if len(images) == 1:
+            mean, std = mean.expand(len(generators), -1, -1, -1), std.expand(len(generators), -1, -1, -1)
         # A sample (not the mean) of the posterior per image, from that image's own generator, as diffusers does.
-        z = torch.cat([dist.sample(generator=g) for g in generators])
-        return self._to_latent_space(z.float())
+        z = mean + std * sampling.noise(mean.shape, generators, self.device, torch.float32)
+        return self._to_latent_space(z)
 
     def _seeds(self, seed: int | list[int] | None, n: int) -> list[int]:
         if seed is None:
