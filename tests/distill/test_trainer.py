@@ -6,36 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from transformers import Dinov2Config, Dinov2Model
 
 from turbokit import TurboPipeline
 from turbokit.cli import main
 from turbokit.distill.config import DistillConfig
 from turbokit.distill.trainer import train
 from turbokit.loading import load_model
-
-COLOURS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
-
-
-@pytest.fixture(scope="module")
-def dino(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("dino")
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=56
-    )
-    Dinov2Model(config).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    for i, colour in enumerate(COLOURS):
-        Image.new("RGB", (64, 64), colour).save(root / f"{i}.png")
-        (root / f"{i}.txt").write_text(f"a {colour} square")
-    return root
 
 
 def _config(tiny_models, dino, images, out: Path, **overrides) -> DistillConfig:
