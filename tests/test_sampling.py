@@ -47,11 +47,11 @@ def test_img2img_pair_that_runs_nothing_states_the_rule_and_a_valid_pair():
         sampling.img2img_steps(1, 0.5)
     message = str(err.value)
     assert "int(steps × strength)" in message
-    assert "--steps 2" in message  # a valid pair for the same strength
+    assert "steps 2 (or more) with strength 0.5" in message  # a valid pair for the same strength
     assert sampling.img2img_steps(2, 0.5) == 1
     with pytest.raises(InvalidRequestError) as err:
         sampling.img2img_steps(4, 0.1)
-    assert "--steps 10" in str(err.value) and "--strength 0.25" in str(err.value)
+    assert "steps 10 (or more)" in str(err.value) and "strength 0.25 (or more)" in str(err.value)
 
 
 @pytest.mark.parametrize("strength", [0.0, -0.2, 1.5])

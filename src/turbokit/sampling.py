@@ -54,8 +54,8 @@ def img2img_steps(steps: int, strength: float) -> int:
             min_steps -= 1
         raise InvalidRequestError(
             f"image-to-image runs int(steps × strength) steps, which must be at least 1, but "
-            f"int({steps} × {strength:g}) = 0; use --steps {min_steps} (or more) with --strength {strength:g}, "
-            f"or --strength {min(1.0, 1 / steps):.3g}{' (or more)' if steps > 1 else ''} with --steps {steps}"
+            f"int({steps} × {strength:g}) = 0; use steps {min_steps} (or more) with strength {strength:g}, "
+            f"or strength {min(1.0, 1 / steps):.3g}{' (or more)' if steps > 1 else ''} with steps {steps}"
         )
     return run
 
