@@ -28,6 +28,7 @@ demo: $(DEMO_MODEL)/model_index.json
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# The web page's tests drive Debian's Chromium (.ci/run installs it); without it they skip, saying why.
 test: lint
 	$(PY) -m pytest -q
 

@@ -26,7 +26,10 @@ ran in one step, and memory: the resident size of parameters and optimizer state
 resident-memory growth during a step. A guard ends the process if memory nears the machine's limit.
 
     python benchmarks/bench_distill.py --size tiny --method both --steps 5
-    python benchmarks/bench_distill.py --size full --method both --steps 2    # bf16, checkpointing, 512²
+    python benchmarks/bench_distill.py --size full --method add --steps 3     # bf16, checkpointing, 512²
+    python benchmarks/bench_distill.py --size full --method ladd --steps 2 --ladd-data latents --distill-lambda 2.5
+
+Full size needs about 19 GiB of RAM and a quiet machine (figures and notes: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -62,7 +65,6 @@ from turbokit.distill.discriminator import DEFAULT_CONDITIONING, build_discrimin
 from turbokit.distill.feature_networks import DinoFeatures
 from turbokit.distill.step import StepBatch, StepModels, decode, distill_step, frozen, teacher_x0, x0_prediction
 from turbokit.distill.trainer import (
-    HeadLogits,
     _clip,
     _disc_inputs_fn,
     _family,
@@ -145,7 +147,6 @@ class Run:
     models: StepModels
     family: object
     disc: nn.Module
-    heads: nn.Module
     student_params: list[nn.Parameter]
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
@@ -198,7 +199,6 @@ def setup(
     disc = build_discriminator(
         method, dino=dino, teacher_unet=unet_t, text_dim=_pooled_dim(teacher), conditioning=cfg.disc_conditioning
     ).to(device)
-    heads = HeadLogits(disc)
     betas_g, betas_d = (cfg.adam_beta1, cfg.adam_beta2), (cfg.disc_adam_beta1, cfg.disc_adam_beta2)
     opt_g = torch.optim.AdamW(student_params, lr=cfg.learning_rate, betas=betas_g, weight_decay=cfg.adam_weight_decay)
     opt_d = torch.optim.AdamW(
@@ -207,37 +207,46 @@ def setup(
     n_sched, warm = cfg.max_train_steps, cfg.lr_warmup_steps
     sched_g = get_scheduler(cfg.lr_scheduler, opt_g, num_warmup_steps=warm, num_training_steps=n_sched)
     sched_d = get_scheduler(cfg.lr_scheduler, opt_d, num_warmup_steps=warm, num_training_steps=n_sched)
-    student, heads, opt_g, opt_d, sched_g, sched_d = acc.prepare(student, heads, opt_g, opt_d, sched_g, sched_d)
+    student, opt_g, sched_g = acc.prepare(student, opt_g, sched_g)  # only the student goes through accelerate
 
     scheduler = EulerDiscreteScheduler.from_config(c["scheduler"].config)
     models = StepModels(
         student=student,
         teacher=unet_t,
         vae=vae,
-        disc=heads,
-        disc_module=disc,
+        disc=disc,
         alphas_cumprod=scheduler.alphas_cumprod.to(device),
         prediction_type=c["scheduler"].config.get("prediction_type", "epsilon"),
         scaling_factor=vae.config.scaling_factor,
     )
     times: dict[str, float] = defaultdict(float)
+    head_params = disc.trainable_parameters()
 
-    def update(name: str, opt, sched, params: Callable[[], list[nn.Parameter]]) -> Callable[[Tensor], None]:
-        """The trainer's d_update / g_update, with the backward and the optimizer step timed apart."""
+    def d_update(loss: Tensor) -> None:
+        """The trainer's d_update (one process: no averaging), with backward and optimizer timed apart."""
+        start = time.perf_counter()
+        (loss / cfg.gradient_accumulation_steps).backward()
+        mid = time.perf_counter()
+        if acc.sync_gradients:
+            torch.nn.utils.clip_grad_norm_(head_params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            opt_d.step()
+            sched_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        times["D backward"] += mid - start
+        times["D clip+AdamW"] += time.perf_counter() - mid
 
-        def run(loss: Tensor) -> None:
-            start = time.perf_counter()
-            acc.backward(loss)
-            mid = time.perf_counter()
-            if acc.sync_gradients:
-                _clip(acc, params(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            times[f"{name} backward"] += mid - start
-            times[f"{name} clip+AdamW"] += time.perf_counter() - mid
-
-        return run
+    def g_update(loss: Tensor) -> None:
+        """The trainer's g_update, with backward and optimizer timed apart."""
+        start = time.perf_counter()
+        acc.backward(loss)
+        mid = time.perf_counter()
+        if acc.sync_gradients:
+            _clip(acc, list(student.parameters()), cfg.max_grad_norm)
+        opt_g.step()
+        sched_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        times["G backward"] += mid - start
+        times["G clip+AdamW"] += time.perf_counter() - mid
 
     return Run(
         cfg=cfg,
@@ -245,12 +254,11 @@ def setup(
         models=models,
         family=family,
         disc=disc,
-        heads=heads,
         student_params=student_params,
         opt_g=opt_g,
         opt_d=opt_d,
-        d_update=update("D", opt_d, sched_d, disc.trainable_parameters),
-        g_update=update("G", opt_g, sched_g, lambda: student_params),
+        d_update=d_update,
+        g_update=g_update,
         update_times=times,
     )
 
@@ -282,7 +290,7 @@ def prepare_batch(r: Run, args: argparse.Namespace, data: str) -> StepBatch:
 
 def run_step(r: Run, b: StepBatch, gen: torch.Generator) -> dict[str, float]:
     """The trainer's loop body for one (micro-)batch, minus `_prepare_batch`."""
-    with r.accelerator.accumulate(r.models.student, r.heads), r.accelerator.autocast():
+    with r.accelerator.accumulate(r.models.student), r.accelerator.autocast():
         disc_inputs = _disc_inputs_fn(r.cfg, r.disc, r.models, gen)
         return distill_step(b, r.models, r.cfg, gen, disc_inputs, r.d_update, r.g_update)
 
@@ -400,18 +408,16 @@ def part_disc(r: Run, b: StepBatch, p: PartInputs) -> None:
         disc_inputs = _disc_inputs_fn(cfg, r.disc, m, gen)
         real_in, real_cond = disc_inputs(b.x0, b.pixels, b)
         fake_in, fake_cond = disc_inputs(latents, pixels, b)
-        fake_features = m.disc_module.features(fake_in, **fake_cond["features"])
-        real_features = [
-            f.detach().requires_grad_(True) for f in m.disc_module.features(real_in, **real_cond["features"])
-        ]
-        real_logits = m.disc(real_features, **real_cond["heads"])
-        fake_logits = m.disc([f.detach() for f in fake_features], **fake_cond["heads"])
+        fake_features = m.disc.features(fake_in, **fake_cond["features"])
+        real_features = [f.detach().requires_grad_(True) for f in m.disc.features(real_in, **real_cond["features"])]
+        real_logits = m.disc.head_logits(real_features, **real_cond["heads"])
+        fake_logits = m.disc.head_logits([f.detach() for f in fake_features], **fake_cond["heads"])
         loss_d = losses.hinge_discriminator_loss(real_logits, fake_logits)
         r1 = losses.r1_penalty(real_logits, real_features) if cfg.r1_gamma > 0 else 0
-        acc.backward(loss_d + cfg.r1_gamma * r1)
+        (loss_d + cfg.r1_gamma * r1).backward()  # as the trainer's d_update
         r.opt_d.zero_grad(set_to_none=True)
-        with frozen(m.disc_module):
-            loss_adv = losses.hinge_generator_loss(m.disc_module.head_logits(fake_features, **fake_cond["heads"]))
+        with frozen(m.disc):
+            loss_adv = losses.hinge_generator_loss(m.disc.head_logits(fake_features, **fake_cond["heads"]))
         acc.backward(loss_adv)
 
 
@@ -527,6 +533,7 @@ def measure(method: str, args: argparse.Namespace, teacher: LoadedModel, dino: D
         )
     med = {name: statistics.median(v) for name, v in times.items()}
     med_cpu = {name: statistics.median(v) for name, v in cpu.items()}
+    low = {name: min(v) for name, v in times.items()}  # contention only ever adds time
     ops = None
     if args.profile:
         print("  profiling one step and one round of the parts ...", flush=True)
@@ -536,6 +543,7 @@ def measure(method: str, args: argparse.Namespace, teacher: LoadedModel, dino: D
         "cfg": r.cfg,
         "med": med,
         "med_cpu": med_cpu,
+        "min": low,
         "loads": loads,
         "ops": ops,
         "extra_names": list(extra),
@@ -560,19 +568,20 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
     )
     print(
         "| method | step s | student fwd+bwd s | teacher fwd s | disc fwd+bwd s | sum of parts s "
-        "| step / parts (target ≤ 1.2) | same ratio in CPU time | load average |"
+        "| step / parts (target ≤ 1.2) | same, minima | same, CPU time | load average |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for res in results:
         med, med_cpu = res["med"], res["med_cpu"]
         parts = sum(med[name] for name in PART_NAMES)
         cells = " | ".join(f"{fmt(med[name])}" for name in PART_NAMES)
         ratio = med["step"] / parts
         ratio_cpu = med_cpu["step"] / sum(med_cpu[name] for name in PART_NAMES)
+        ratio_min = res["min"]["step"] / sum(res["min"][name] for name in PART_NAMES)
         load = "–".join(f"{x:.1f}" for x in (min(res["loads"]), max(res["loads"])))
         print(
-            f"| {res['label']} | {fmt(med['step'])} | {cells} | {fmt(parts)} | **{ratio:.2f}** | {ratio_cpu:.2f} "
-            f"| {load} |"
+            f"| {res['label']} | {fmt(med['step'])} | {cells} | {fmt(parts)} | **{ratio:.2f}** | {ratio_min:.2f} "
+            f"| {ratio_cpu:.2f} | {load} |"
         )
     print(
         "\n| method | params GiB | AdamW states GiB | RSS before a step GiB | peak RSS growth per step GiB "
@@ -585,15 +594,15 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
             f"{res['growth']:.2f} | {res['rss_peak']:.2f} |"
         )
     for res in results:
-        med, cfg, grow = res["med"], res["cfg"], res["item_growth"]
+        med, low, cfg, grow = res["med"], res["min"], res["cfg"], res["item_growth"]
         parts = sum(med[name] for name in PART_NAMES)
-        print(f"\n{res['label']}: where the step's time goes (medians)")
-        print("| item | s | peak RSS growth GiB | in the sum of parts? |")
-        print("|---|---|---|---|")
+        print(f"\n{res['label']}: where the step's time goes")
+        print("| item | median s | min s | peak RSS growth GiB | in the sum of parts? |")
+        print("|---|---|---|---|---|")
 
-        def row(text: str, key: str, where: str, med: dict = med, grow: dict = grow) -> None:
+        def row(text: str, key: str, where: str, med: dict = med, low: dict = low, grow: dict = grow) -> None:
             mem = f"{grow[key]:.2f}" if key in grow else "—"
-            print(f"| {text} | {fmt(med[key])} | {mem} | {where} |")
+            print(f"| {text} | {fmt(med[key])} | {fmt(low[key])} | {mem} | {where} |")
 
         student_note = " (incl. VAE decode of x̂, fwd+bwd)" if cfg.method == "add" else ""
         row(f"(1) student fwd+bwd{student_note}", PART_NAMES[0], "yes")
@@ -613,16 +622,20 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
             where = "yes — done twice" if name.startswith("in part 3") else "—" if name.startswith("not in") else "no"
             row(name, name, where)
             outside += med[name] if where == "no" else 0
-        print(f"| rest: step − parts − the 'no' rows | {fmt(med['step'] - parts - outside)} | — | — |")
+        print(f"| rest: step − parts − the 'no' rows (medians) | {fmt(med['step'] - parts - outside)} | | — | — |")
         encode = " + VAE encode of the image" if cfg.method == "add" or args.ladd_data == "pixels" else ""
-        print(f"| not in the step: batch preparation (text encoder{encode}) | {fmt(res['prepare'])} | — | — |")
+        print(f"| not in the step: batch preparation (text encoder{encode}) | {fmt(res['prepare'])} | | — | — |")
         print("\nforward calls per step: " + ", ".join(f"{k.strip()} {v}" for k, v in res["calls"].items()))
         print(f"step / (parts + the 'no' rows) = {med['step'] / (parts + outside):.2f}")
         if res["ops"] is not None:
             step_ops, part_ops = res["ops"]
             keys = set(step_ops) | set(part_ops)
             diff = sorted(keys, key=lambda k: step_ops.get(k, (0, 0))[0] - part_ops.get(k, (0, 0))[0], reverse=True)
-            print(f"\n{res['label']}: profile, operators the step spends more self-CPU time in than the parts")
+            total_step, total_parts = (sum(t for t, _ in o.values()) for o in (step_ops, part_ops))
+            print(
+                f"\n{res['label']}: profile (self CPU time, one step vs one round of the parts: "
+                f"{fmt(total_step)} s vs {fmt(total_parts)} s), operators the step spends more time in"
+            )
             print("| operator | step s | parts s | step − parts s | step calls | parts calls |")
             print("|---|---|---|---|---|---|")
             for k in diff[:20]:

@@ -54,6 +54,11 @@ def test_img2img_pair_that_runs_nothing_states_the_rule_and_a_valid_pair():
     assert "steps 10 (or more)" in str(err.value) and "strength 0.25 (or more)" in str(err.value)
 
 
+def test_vanishing_strength_is_a_user_error_not_an_overflow():
+    with pytest.raises(InvalidRequestError, match="too small"):
+        sampling.img2img_steps(4, 5e-324)
+
+
 @pytest.mark.parametrize("strength", [0.0, -0.2, 1.5])
 def test_strength_outside_unit_interval_is_refused(strength):
     with pytest.raises(InvalidRequestError, match=r"strength must be in \(0, 1\]"):

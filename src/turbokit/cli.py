@@ -58,12 +58,6 @@ def output_paths(output: str | None, seeds: Sequence[int]) -> list[Path]:
 def _add_generation_options(p: argparse.ArgumentParser, default_steps: int) -> None:
     p.add_argument("prompt", help="what to draw")
     p.add_argument(
-        "-m",
-        "--model",
-        default=DEFAULT_MODEL,
-        help="diffusers folder, .safetensors file or hub id (default: %(default)s)",
-    )
-    p.add_argument(
         "--steps", type=int, default=default_steps, help="denoising steps (default: %(default)s; Turbo models: 1–4)"
     )
     p.add_argument("--seed", type=int, default=None, help="base seed: image i gets SEED+i (default: random)")
@@ -76,6 +70,17 @@ def _add_generation_options(p: argparse.ArgumentParser, default_steps: int) -> N
     )
     p.add_argument(
         "--sampler", choices=["euler", "euler_a"], default=None, help="default: as the model's scheduler config says"
+    )
+    _add_model_options(p)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Which model, on what, in which precision — shared by every command that samples."""
+    p.add_argument(
+        "-m",
+        "--model",
+        default=DEFAULT_MODEL,
+        help="diffusers folder, .safetensors file or hub id (default: %(default)s)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 1 on CPU, 4 on GPU)")
     p.add_argument(
@@ -99,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("image", help="input image (PNG, JPEG, WebP, ...)")
     _add_generation_options(img, default_steps=2)
     img.add_argument("--strength", type=float, default=0.5, help="how much to change, in (0, 1] (default: %(default)s)")
+    video = sub.add_parser("video", help="image to image over every frame of a video (fixed seed)")
+    video.add_argument("input", help="input video (any format FFmpeg reads)")
+    video.add_argument("output", help="output video: .mp4, .mkv or .mov (H.264)")
+    video.add_argument("--prompt", required=True, help="the style to apply")
+    video.add_argument("--strength", type=float, default=0.5, help="how much to change each frame (default: 0.5)")
+    video.add_argument("--steps", type=int, default=2, help="denoising steps before strength (default: %(default)s)")
+    video.add_argument("--seed", type=int, default=0, help="one seed for every frame (default: %(default)s)")
+    video.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the input's aspect at native size)")
+    video.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    _add_model_options(video)
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
@@ -113,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     from turbokit.distill.config import add_arguments
 
     add_arguments(distill)
+    from turbokit.serve import add_arguments as add_serve_arguments
+
+    serve = sub.add_parser("serve", help="HTTP and WebSocket server: OpenAI-style images API, live sessions")
+    add_serve_arguments(serve, DEFAULT_MODEL)
     return parser
 
 
@@ -185,6 +204,61 @@ def _generate(args: argparse.Namespace) -> None:
                     )
 
 
+def _video(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from turbokit import sampling, video
+    from turbokit.pipeline import TurboPipeline
+
+    source, target = Path(args.input), Path(args.output)
+    info = video.probe(source)  # checked before the model loads
+    video.check_output(target)
+    sampling.img2img_steps(args.steps, args.strength)
+    size = parse_size(args.size) if args.size else None
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InvalidRequestError("--batch-size must be at least 1")
+    pipe = TurboPipeline.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, allow_pickle=args.allow_pickle
+    )
+    width, height = video.output_size(info, pipe.native_size, size)
+    batch = args.batch_size or (1 if pipe.device.type == "cpu" else 4)
+    total = min(filter(None, (info.frames, args.max_frames)), default=None)
+    writer = video.VideoWriter(target, width, height, info.fps)
+    try:
+        with tqdm(total=total, unit="frame", disable=args.quiet, desc="video") as bar:
+            pending: list = []
+            for index, frame in enumerate(video.frames(source)):
+                if args.max_frames is not None and index >= args.max_frames:
+                    break
+                pending.append(frame)
+                if len(pending) == batch:
+                    _restyle(pipe, pending, args, width, height, writer, bar)
+            if pending:
+                _restyle(pipe, pending, args, width, height, writer, bar)
+    finally:
+        writer.close()
+    if not args.quiet:
+        log.info(f"wrote {target} ({width}x{height}, {float(info.fps):g} fps)")
+
+
+def _restyle(pipe, pending: list, args: argparse.Namespace, width: int, height: int, writer, bar) -> None:
+    """One batch of frames through the model with the same seed each, then out to the writer."""
+    result = pipe(
+        args.prompt,
+        image=list(pending),
+        num_images=len(pending),
+        seed=[args.seed] * len(pending),
+        steps=args.steps,
+        strength=args.strength,
+        width=width,
+        height=height,
+    )
+    for image in result.images:
+        writer.write(image)
+    bar.update(len(pending))
+    pending.clear()
+
+
 def _info(args: argparse.Namespace) -> None:
     from turbokit.info import describe
     from turbokit.pipeline import TurboPipeline
@@ -222,6 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _info(args)
         elif args.command == "distill":
             _distill(args)
+        elif args.command == "video":
+            _video(args)
+        elif args.command == "serve":
+            from turbokit.serve import serve
+
+            serve(args)
         else:
             _generate(args)
     except TurbokitError as err:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import struct
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -35,28 +37,46 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     if not path.exists():
         raise TurbokitError(f"cannot load image {path}: file not found")
     try:
+        return open_image(path, name=str(path), max_pixels=max_pixels)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        raise TurbokitError(f"cannot load image {path}: {err.strerror or err}") from err
+
+
+def open_image(
+    source: str | Path | BinaryIO,
+    *,
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
+    """Decode an image file or stream (an upload, a tar member) safely: upright, RGB, first frame.
+
+    The pixel count is read from the header before decoding, so decompression bombs stop there;
+    everything is decoded inside, so corruption is reported here and not later. Raises
+    InvalidRequestError (a TurbokitError) whose message names `name` and the reason."""
+    try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's decompression-bomb warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source, formats=formats)
         with image:
             width, height = image.size
             if width * height > max_pixels:
-                raise TurbokitError(
-                    f"cannot load image {path}: {width}x{height} is {width * height / 1e6:.1f} megapixels, "
-                    f"over the {max_pixels / 1e6:.1f} megapixel limit; downscale it first"
+                raise InvalidRequestError(
+                    f"cannot load image {name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, "
+                    f"over the {max_pixels / 1e6:.1f} megapixel limit (too large); downscale it first"
                 )
-            image.load()  # decode everything now so corruption is reported here, not later
-            upright = ImageOps.exif_transpose(image)
-            return _to_rgb(upright)
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
     except UnidentifiedImageError as err:
-        raise TurbokitError(f"cannot load image {path}: not an image file, or a format Pillow cannot read") from err
+        kinds = f"one of {', '.join(formats)}" if formats else "a format Pillow can read"
+        raise InvalidRequestError(f"cannot load image {name}: not an image file, or not {kinds}") from err
     except Image.DecompressionBombError as err:
-        raise TurbokitError(f"cannot load image {path}: too large to load safely ({_one_line(err)})") from err
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
-        raise TurbokitError(f"cannot load image {path}: {err.strerror or err}") from err
+        raise InvalidRequestError(
+            f"cannot load image {name}: over the {max_pixels / 1e6:.1f} megapixel limit (too large to load safely)"
+        ) from err
     except _DECODE_ERRORS as err:
-        raise TurbokitError(f"cannot load image {path}: corrupt or truncated image ({_one_line(err)})") from err
+        raise InvalidRequestError(f"cannot load image {name}: corrupt or truncated image ({_one_line(err)})") from err
 
 
 def fit_size(width: int, height: int, target_area: int, multiple: int = 8) -> tuple[int, int]:

@@ -49,6 +49,11 @@ def img2img_steps(steps: int, strength: float) -> int:
         raise InvalidRequestError(f"strength must be in (0, 1], got {strength}")
     run = int(steps * strength)
     if run < 1:
+        if strength * 1000 < 1:
+            raise InvalidRequestError(
+                f"strength {strength:g} is too small: image-to-image runs int(steps × strength) steps, "
+                "and no step count up to 1000 runs one"
+            )
         min_steps = math.ceil(1 / strength)
         while int((min_steps - 1) * strength) >= 1:  # 1/strength may round up past the bound
             min_steps -= 1

@@ -31,7 +31,6 @@ import os
 import re
 import tarfile
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -40,10 +39,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from turbokit.errors import InvalidRequestError, TurbokitError
-from turbokit.images import _DECODE_ERRORS, DEFAULT_MAX_PIXELS, _to_rgb, load_image, pil_to_tensor
+from turbokit.images import load_image, open_image, pil_to_tensor
 
 if TYPE_CHECKING:
     from turbokit.distill.synthetic import PromptSource
@@ -598,19 +597,7 @@ def _decode_caption(data: bytes, name: str) -> str:
 
 def _decode_image(data: bytes, name: str) -> Image.Image:
     """`load_image` for bytes from a tar member: RGB, upright, first frame, within the pixel limit."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        with image:
-            if image.width * image.height > DEFAULT_MAX_PIXELS:
-                raise TurbokitError(f"cannot load image {name}: {image.width}x{image.height} is over the pixel limit")
-            image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
-    except UnidentifiedImageError as err:
-        raise TurbokitError(f"cannot load image {name}: not an image, or a format Pillow cannot read") from err
-    except (Image.DecompressionBombError, *_DECODE_ERRORS) as err:
-        raise TurbokitError(f"cannot load image {name}: corrupt or truncated image ({_one_line(err)})") from err
+    return open_image(io.BytesIO(data), name=name)
 
 
 def _expand_braces(pattern: str) -> list[str]:
