@@ -126,7 +126,9 @@ def distill_step(
         alpha_s = torch.where(s.view(-1, 1, 1, 1) == 999, torch.zeros_like(alpha_s), alpha_s)
     x_s = sampling.add_noise_vp(b.x0, rand(*b.x0.shape), alpha_s, sigma_s)
     x_hat = x0_prediction(m.student, x_s, s, b.cond, b.unet_kwargs, m)
-    fake_pixels = decode(m.vae, x_hat, m.scaling_factor) if b.pixels is not None or cfg.distill_in_pixels else None
+    # x̂'s pixels (graph kept) for whoever reads them: ADD's discriminator and pixel-space distillation.
+    needs_pixels = cfg.method == "add" or cfg.distill_in_pixels
+    fake_pixels = decode(m.vae, x_hat, m.scaling_factor) if needs_pixels else None
 
     # The frozen feature network sees x̂ once, with the graph kept: the discriminator update reads the
     # features detached, the generator update backpropagates through them (heads change, features don't).
