@@ -74,7 +74,7 @@ def _add_generation_options(p: argparse.ArgumentParser, default_steps: int) -> N
     _add_model_options(p)
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> None:
     """Which model, on what, in which precision — shared by every command that samples."""
     p.add_argument(
         "-m",
@@ -82,7 +82,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help="diffusers folder, .safetensors file or hub id (default: %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 1 on CPU, 4 on GPU)")
+    if batch_size:
+        p.add_argument(
+            "--batch-size", type=int, default=None, help="images per forward pass (default: 1 on CPU, 4 on GPU)"
+        )
     p.add_argument(
         "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="default: fastest safe for the device"
     )
@@ -131,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     from turbokit.serve import add_arguments as add_serve_arguments
 
     serve = sub.add_parser("serve", help="HTTP and WebSocket server: OpenAI-style images API, live sessions")
-    add_serve_arguments(serve, DEFAULT_MODEL)
+    _add_model_options(serve, batch_size=False)
+    add_serve_arguments(serve)
     return parser
 
 

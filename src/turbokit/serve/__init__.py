@@ -42,28 +42,14 @@ class Settings:
     which stops DNS-rebinding pages from reaching it."""
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
-    """The `turbokit serve` options."""
-    parser.add_argument(
-        "-m",
-        "--model",
-        default=default_model,
-        help="diffusers folder, .safetensors file or hub id (default: %(default)s)",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `turbokit serve` options beyond the model options every sampling command shares."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("TURBOKIT_API_KEY"),
         help="require `Authorization: Bearer KEY` (default: $TURBOKIT_API_KEY; none if unset)",
-    )
-    parser.add_argument(
-        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="default: fastest safe for the device"
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
-    parser.add_argument("--tiny-vae", default=None, metavar="PATH", help="decode with this AutoencoderTiny folder")
-    parser.add_argument(
-        "--allow-pickle", action="store_true", help="load pickle checkpoints (.ckpt/.pt/.bin): only if trusted"
     )
     parser.add_argument("--max-queue", type=int, default=16, help="waiting requests before 429 (default: %(default)s)")
     parser.add_argument(
@@ -72,7 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
     parser.add_argument("--max-side", type=int, default=2048, help="largest width or height (default: %(default)s)")
     parser.add_argument("--max-steps", type=int, default=50, help="most denoising steps (default: %(default)s)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no access log, only warnings and errors")
 
 
 def serve(args: argparse.Namespace) -> None:
