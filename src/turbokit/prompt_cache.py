@@ -15,12 +15,10 @@ class PromptCache:
         self._encode = encode
         self._rows: OrderedDict[str, Conditioning] = OrderedDict()
         self.max_entries = max_entries
-        self.misses = 0
 
     def __call__(self, prompts: list[str]) -> Conditioning:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
         if missing:
-            self.misses += len(missing)
             encoded = self._encode(missing)
             for i, prompt in enumerate(missing):
                 self._rows[prompt] = encoded[i : i + 1]

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from turbokit.distill.losses import DEFAULT_R1_GAMMA
 from turbokit.errors import TurbokitError
 
 METHODS = ("add", "ladd")
@@ -74,7 +75,7 @@ class DistillConfig:
         "1.0", "teacher CFG for the distillation target: a value or a uniform range 'lo,hi' (1 = none)"
     )
     teacher_timestep_range: str = _opt("20,980", "teacher timesteps t ~ U[lo, hi) for re-noising x̂ (paper: U[0, T))")
-    r1_gamma: float = _opt(1e-5, "γ of the R1 penalty on each discriminator head's inputs")
+    r1_gamma: float = _opt(DEFAULT_R1_GAMMA, "γ of the R1 penalty on each discriminator head's inputs")
     disc_conditioning: str = _opt(
         "text+image",
         "discriminator projection conditioning: none | text | text+image (add)",

@@ -273,6 +273,8 @@ def train(cfg: DistillConfig) -> Path:
         ):
             _log_validation(cfg, accelerator, teacher, student, ema, state.step)
     bar.close()
+    if accelerator.is_main_process and (report := loader.bad_sample_report()):
+        log.warning(report)
     accelerator.wait_for_everyone()
     final = out / "student"
     if ema is not None:
