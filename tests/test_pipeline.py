@@ -83,6 +83,12 @@ def test_negative_prompt_without_guidance_warns_that_it_is_ignored(sd, caplog):
     torch.testing.assert_close(plain, ignored)
 
 
+def test_prompts_over_77_tokens_warn_what_is_ignored(sd, caplog):
+    with caplog.at_level(logging.WARNING, logger="turbokit"):
+        sd(" ".join(["cat"] * 80) + " zebra", seed=0)
+    assert "over CLIP's 77 tokens" in caplog.text and "zebra" in caplog.text
+
+
 def test_guidance_changes_the_image(sd):
     plain = sd("x", seed=0).pixels
     guided = sd("x", seed=0, guidance_scale=5.0, negative_prompt="blurry").pixels

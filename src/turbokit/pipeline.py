@@ -93,6 +93,7 @@ class TurboPipeline:
         else:
             self.family = SDFamily(self.text_encoders[0], c["tokenizer"])
         self.encode = PromptCache(self.family.encode)
+        self.encode_tokenizer = c["tokenizer"]
         # diffusers computes ᾱ from the scheduler config (beta schedule, zero-SNR rescale); reuse it.
         self.alphas_cumprod = EulerDiscreteScheduler.from_config(self.scheduler.config).alphas_cumprod
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
@@ -171,6 +172,7 @@ class TurboPipeline:
         cfg = guidance_scale > 1
         if negative_prompt and not cfg:
             log.warning("the negative prompt is ignored: it needs guidance_scale > 1 (Turbo models use 0)")
+        self._warn_if_truncated(prompts)
         cond = self.encode(prompts)
         if cfg:
             negative = (
@@ -265,6 +267,15 @@ class TurboPipeline:
         # A sample (not the mean) of the posterior per image, from that image's own generator, as diffusers does.
         z = mean + std * sampling.noise(mean.shape, generators, self.device, torch.float32)
         return self._to_latent_space(z)
+
+    def _warn_if_truncated(self, prompts: list[str]) -> None:
+        """CLIP reads 77 tokens; say which words of a longer prompt the model never sees."""
+        tokenizer = self.encode_tokenizer
+        for prompt in dict.fromkeys(prompts):
+            ids = tokenizer(prompt).input_ids
+            if len(ids) > tokenizer.model_max_length:
+                dropped = tokenizer.decode(ids[tokenizer.model_max_length - 1 : -1])
+                log.warning(f"the prompt is over CLIP's {tokenizer.model_max_length} tokens; ignored: {dropped!r}")
 
     def _seeds(self, seed: int | list[int] | None, n: int) -> list[int]:
         if seed is None:
