@@ -323,10 +323,15 @@ def expand_shards(pattern: str | Path) -> list[Path]:
 def build_source(path: str | Path, synthetic: bool = False) -> Source | PromptSource:
     """The source for `path`, chosen by what it is; TurbokitError in one line if it holds no usable samples.
 
-    A synthetic latent cache (a folder with its manifest), `.jsonl`, a `.tar` or a shard pattern, a
-    folder of `.tar` shards (and no images at its top), or a folder of images. With `synthetic`,
-    `path` is a synthetic latent cache or a prompts file, one prompt per line (a `PromptSource`)."""
+    A `shapes:` URI (turbokit's synthetic dataset), a synthetic latent cache (a folder with its
+    manifest), `.jsonl`, a `.tar` or a shard pattern, a folder of `.tar` shards (and no images at its
+    top), or a folder of images. With `synthetic`, `path` is a synthetic latent cache or a prompts
+    file, one prompt per line (a `PromptSource`)."""
     from turbokit.distill import synthetic as synthetic_cache  # imports this module
+    from turbokit.recipes.shapes import parse_shapes_uri  # imports this module too
+
+    if (shapes := parse_shapes_uri(str(path))) is not None:  # the built-in `shapes:SPLIT?n=N&size=S` data
+        return shapes
 
     text = str(path)
     path = Path(path)
