@@ -148,13 +148,13 @@ def sample_scene(rng: np.random.Generator, holdout: Holdout = "exclude") -> Scen
         objects.append(ShapeObject(shape, colour, size, POSITIONS[cell], x, y, radius))
     relation = None
     if count == 2:
-        true_relations = _relations(cells[0], cells[1])
+        true_relations = relations_between(cells[0], cells[1])
         relation = true_relations[int(rng.integers(len(true_relations)))]
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     return Scene(tuple(objects), background, relation)
 
 
-def _relations(first: int, second: int) -> list[str]:
+def relations_between(first: int, second: int) -> list[str]:
     """The relations true of the object in cell `first` relative to the one in cell `second`."""
     (row_a, col_a), (row_b, col_b) = divmod(first, 3), divmod(second, 3)
     relations = []
