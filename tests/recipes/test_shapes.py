@@ -207,3 +207,10 @@ def test_the_trainer_reads_shapes_uris():
 
     source = build_source("shapes:test?n=12&size=64&seed=3")
     assert len(source) == 12 and source.load(0)[1]
+
+
+def test_the_evaluator_split_covers_the_held_out_pairs_too():
+    from turbokit.recipes.shapes import HELD_OUT_PAIRS, example
+
+    seen = {(o.shape, o.colour) for i in range(1500) for o in example("evaluator", i)[0].objects}
+    assert seen >= HELD_OUT_PAIRS

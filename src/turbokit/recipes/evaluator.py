@@ -203,12 +203,13 @@ def train_evaluator(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> ShapesEvaluator:
-    """Train an evaluator on the first `num_samples` scenes of the `train` split (rendered once, in memory),
+    """Train an evaluator on the first `num_samples` scenes of the `evaluator` split — every shape–colour
+    pair, held-out ones included, since it must judge them (rendered once, in memory),
     `steps` AdamW steps with a cosine learning rate, batches reshuffled each epoch from `seed`."""
     if num_samples < batch_size or steps < 1:
         raise TurbokitError(f"need at least one batch of samples ({num_samples} < {batch_size}) and one step")
     started = time.perf_counter()
-    images, labels, _ = render_split("train", num_samples, seed=seed)
+    images, labels, _ = render_split("evaluator", num_samples, seed=seed)
     cells, background = _targets(labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

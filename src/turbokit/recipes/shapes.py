@@ -73,9 +73,10 @@ HELD_OUT_PAIRS = frozenset(
 )
 """(shape, colour) pairs never in the train or test splits, each shape and colour in at most one pair, so
 every shape and every colour is still seen in training: the compositional test."""
-SPLITS = ("train", "test", "heldout")
+SPLITS = ("train", "test", "heldout", "evaluator")
 """`train` and `test` (in distribution, another seed stream) exclude `HELD_OUT_PAIRS`; every `heldout`
-scene contains at least one of them."""
+scene contains at least one of them; `evaluator` draws every pair, for the evaluator network alone (it
+judges the held-out row, so it must have seen those pairs; no generator ever trains on it)."""
 
 MARGIN = 0.01
 """Least gap (fraction of the image side) between an object and its cell's border."""
@@ -325,7 +326,8 @@ def example(split: str, index: int, seed: int = 0) -> tuple[Scene, str]:
     if split not in SPLITS:
         raise TurbokitError(f"unknown shapes split {split!r}: use one of {', '.join(SPLITS)}")
     rng = np.random.default_rng((seed, SPLITS.index(split), index))
-    scene = sample_scene(rng, holdout="include" if split == "heldout" else "exclude")
+    holdout = {"heldout": "include", "evaluator": "any"}.get(split, "exclude")
+    scene = sample_scene(rng, holdout=holdout)
     return scene, caption(scene, rng)
 
 
