@@ -6,6 +6,7 @@ family's extra UNet inputs (SDXL's pooled text embedding and size/crop micro-con
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -100,3 +101,13 @@ class SDXLFamily:
 
 
 Family = SDFamily | SDXLFamily
+
+
+def build_family(name: str, components: Mapping[str, object], force_zeros_for_empty_prompt: bool = True) -> Family:
+    """The conditioning strategy for a model of family `name` ("sd1", "sd2" or "sdxl") from its components."""
+    c = components
+    if name == "sdxl":
+        return SDXLFamily(
+            c["text_encoder"], c["text_encoder_2"], c["tokenizer"], c["tokenizer_2"], force_zeros_for_empty_prompt
+        )
+    return SDFamily(c["text_encoder"], c["tokenizer"])

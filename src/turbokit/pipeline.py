@@ -23,7 +23,7 @@ from PIL import Image
 
 from turbokit import sampling
 from turbokit.errors import InvalidRequestError
-from turbokit.families import Conditioning, Family, SDFamily, SDXLFamily
+from turbokit.families import Conditioning, Family, build_family
 from turbokit.images import fit_size, pil_to_tensor, resize, tensor_to_pil
 from turbokit.loading import LoadedModel, load_model, load_tiny_vae, vae_config
 from turbokit.metadata import GenerationParameters
@@ -86,13 +86,9 @@ class TurboPipeline:
             _place(c[k], device, precision.compute) for k in ("text_encoder", "text_encoder_2") if k in c
         ]
         self.scheduler = c["scheduler"]
-        self.family: Family
-        if model.family == "sdxl":
-            zeros = bool(model.extra.get("force_zeros_for_empty_prompt", True))
-            self.family = SDXLFamily(*self.text_encoders, c["tokenizer"], c["tokenizer_2"], zeros)
-        else:
-            self.family = SDFamily(self.text_encoders[0], c["tokenizer"])
-        self.encode = PromptCache(self.family.encode)
+        zeros = bool(model.extra.get("force_zeros_for_empty_prompt", True))
+        self.family: Family = build_family(model.family, c, zeros)  # c's encoders are the placed ones
+        self.encode = PromptCache(self._encode_new_prompts)
         self.encode_tokenizer = c["tokenizer"]
         # diffusers computes ᾱ from the scheduler config (beta schedule, zero-SNR rescale); reuse it.
         self.alphas_cumprod = EulerDiscreteScheduler.from_config(self.scheduler.config).alphas_cumprod
@@ -172,7 +168,6 @@ class TurboPipeline:
         cfg = guidance_scale > 1
         if negative_prompt and not cfg:
             log.warning("the negative prompt is ignored: it needs guidance_scale > 1 (Turbo models use 0)")
-        self._warn_if_truncated(prompts)
         cond = self.encode(prompts)
         if cfg:
             negative = (
@@ -267,6 +262,11 @@ class TurboPipeline:
         # A sample (not the mean) of the posterior per image, from that image's own generator, as diffusers does.
         z = mean + std * sampling.noise(mean.shape, generators, self.device, torch.float32)
         return self._to_latent_space(z)
+
+    def _encode_new_prompts(self, prompts: list[str]) -> Conditioning:
+        """What the prompt cache calls on a miss: repeated prompts pay neither the check nor the encoder."""
+        self._warn_if_truncated(prompts)
+        return self.family.encode(prompts)
 
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         """CLIP reads 77 tokens; say which words of a longer prompt the model never sees."""

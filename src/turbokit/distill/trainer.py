@@ -33,7 +33,7 @@ from turbokit.distill.feature_networks import DinoFeatures
 from turbokit.distill.losses import NFSD_NEGATIVE_PROMPT
 from turbokit.distill.step import StepBatch, StepModels, distill_step
 from turbokit.errors import TurbokitError
-from turbokit.families import Conditioning, SDFamily, SDXLFamily
+from turbokit.families import Conditioning, SDFamily, SDXLFamily, build_family
 from turbokit.loading import LoadedModel, load_model
 
 log = logging.getLogger("turbokit")
@@ -58,11 +58,7 @@ class TrainState:
 
 
 def _family(model: LoadedModel) -> SDFamily | SDXLFamily:
-    c = model.components
-    if model.family == "sdxl":
-        zeros = bool(model.extra.get("force_zeros_for_empty_prompt", True))
-        return SDXLFamily(c["text_encoder"], c["text_encoder_2"], c["tokenizer"], c["tokenizer_2"], zeros)
-    return SDFamily(c["text_encoder"], c["tokenizer"])
+    return build_family(model.family, model.components, bool(model.extra.get("force_zeros_for_empty_prompt", True)))
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
