@@ -136,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="HTTP and WebSocket server: OpenAI-style images API, live sessions")
     _add_model_options(serve, batch_size=False)
     add_serve_arguments(serve)
+    from turbokit.recipes import recipe, study
+
+    rec = sub.add_parser(
+        "recipe",
+        help="build turbokit's own Turbo model end to end (data → VAE → text encoder → teacher → ADD student)",
+        description=recipe.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rec.add_argument("name", choices=["shapes"], help="the recipe (shapes: the synthetic captioned dataset)")
+    recipe.add_arguments(rec)
+    ev = sub.add_parser(
+        "eval", help="quality of a shapes model: FID, prompt alignment, held-out pairs", description=study.__doc__
+    )
+    study.add_arguments(ev)
     return parser
 
 
@@ -302,6 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _distill(args)
         elif args.command == "video":
             _video(args)
+        elif args.command == "recipe":
+            from turbokit.recipes import recipe
+
+            recipe.run(args)
+        elif args.command == "eval":
+            from turbokit.recipes import study
+
+            study.run(args)
         elif args.command == "serve":
             from turbokit.serve import serve
 

@@ -110,6 +110,21 @@ def test_ladd_trains_on_latents(tiny_models, images, tmp_path, family):
             ],
             "student_timesteps",
         ),
+        (
+            [
+                "--teacher",
+                "TEACHER",
+                "--data",
+                "IMAGES",
+                "--output_dir",
+                "OUT",
+                "--dino_model",
+                "IMAGES",
+                "--dino_resolution",
+                "8",
+            ],
+            "--dino_resolution",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_heavy_work(argv, message, tiny_models, images, tmp_path, capsys):

@@ -53,6 +53,7 @@ class DistillConfig:
     dino_model: str = _opt(
         "", "add: local folder of a DINOv2 model (facebook/dinov2-small) for the discriminator's features"
     )
+    dino_resolution: int = _opt(224, "add: pixels the images are resized to for the DINOv2 features (paper: 224)")
     resolution: int = _opt(0, "training resolution in pixels (0: the teacher's native size)")
     # --- the method (ADD paper values where it gives them)
     student_timesteps: str = _opt("999,749,499,249", "student timesteps τ_1..τ_N (paper: N = 4, trailing spacing)")
@@ -158,6 +159,8 @@ class DistillConfig:
             )
         if self.method == "add" and self.dino_model and not Path(self.dino_model).is_dir():
             raise TurbokitError(f"--dino_model {self.dino_model}: folder not found")
+        if self.dino_resolution < 32:
+            raise TurbokitError(f"--dino_resolution must be at least 32 pixels, not {self.dino_resolution}")
         if self.distill_space == "pixel" and self.method == "ladd":
             raise TurbokitError(
                 "--distill_space pixel needs VAE decodes that --method ladd exists to avoid; use latent"

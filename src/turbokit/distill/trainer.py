@@ -107,7 +107,9 @@ def train(cfg: DistillConfig) -> Path:
 
     # Data first: a bad path or an empty dataset fails before any model is loaded.
     source = distill_data.build_source(cfg.data, synthetic=cfg.synthetic)
-    dino = DinoFeatures.from_pretrained(cfg.dino_model) if cfg.method == "add" else None  # small; fails early
+    dino = None  # small: loaded first so that a wrong path fails early
+    if cfg.method == "add":
+        dino = DinoFeatures.from_pretrained(cfg.dino_model, image_size=cfg.dino_resolution)
     teacher = load_model(cfg.teacher, allow_pickle=cfg.allow_pickle, dtype=torch.float32, vae_dtype=torch.float32)
     c = teacher.components
     unet_t, vae = c["unet"], c["vae"]

@@ -1,0 +1,231 @@
+"""`turbokit recipe shapes`: turbokit's own Turbo model, built end to end on a CPU (issue 4).
+
+Stages, each resumable (re-run the same command after an interruption; a finished stage is skipped):
+
+  vae      a small AutoencoderKL                         → ROOT/vae/vae
+  text     a small CLIP (text encoder + ViT for ADD)     → ROOT/text/{text_encoder,tokenizer,dino}
+  teacher  the many-step SD 2.x-style teacher UNet      → ROOT/teacher/model
+  distill  the student, with `turbokit distill` (ADD)   → ROOT/student/<run>/student
+  eval     the study's table rows (`turbokit eval`)     → ROOT/eval/*.json
+
+`--scale` multiplies every stage's step count (the tests run the whole recipe at a tiny scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from turbokit.errors import TurbokitError
+
+STAGES = ("vae", "text", "teacher", "distill", "eval")
+DEFAULT_ROOT = "build/recipe-shapes"
+TEACHER_GUIDANCE = 3.0  # the teacher's CFG scale, in its own sampling and as the distillation target
+
+
+@dataclass
+class Budget:
+    """Steps and batch sizes of each stage at scale 1 (about 2–3 hours on a 2-core CPU in all)."""
+
+    vae_steps: int = 1200
+    vae_batch: int = 32
+    text_steps: int = 1500
+    text_batch: int = 128
+    teacher_steps: int = 4000
+    teacher_batch: int = 64
+    distill_steps: int = 1000
+    distill_batch: int = 32
+    ablation_steps: int = 500
+    eval_images: int = 2000
+    evaluator_steps: int = 2500
+    evaluator_samples: int = 20000
+    extra: dict = field(default_factory=dict)
+
+    def scaled(self, scale: float) -> Budget:
+        steps = {k: max(2, round(v * scale)) for k, v in vars(self).items() if k.endswith("_steps")}
+        return Budget(**{**vars(self), **steps})
+
+
+def stage_vae(root: Path, budget: Budget, seed: int, progress: bool) -> None:
+    from turbokit.recipes.autoencoder import train_vae
+
+    train_vae(root / "vae", budget.vae_steps, budget.vae_batch, seed=seed, progress=progress)
+
+
+def stage_text(root: Path, budget: Budget, seed: int, progress: bool) -> None:
+    from turbokit.recipes.clip import train_clip
+
+    train_clip(root / "text", budget.text_steps, budget.text_batch, seed=seed, progress=progress)
+
+
+def _require(path: Path, stage: str) -> Path:
+    if not (path / "done.json").is_file():
+        raise TurbokitError(f"stage {stage!r} has not finished in {path.parent}: run --stage {stage} first")
+    return path
+
+
+def stage_teacher(root: Path, budget: Budget, seed: int, progress: bool) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from turbokit.recipes.teacher import train_teacher
+
+    vae = AutoencoderKL.from_pretrained(_require(root / "vae", "vae") / "vae")
+    text = _require(root / "text", "text")
+    train_teacher(
+        root / "teacher",
+        vae,
+        CLIPTextModel.from_pretrained(text / "text_encoder"),
+        CLIPTokenizer.from_pretrained(text / "tokenizer"),
+        budget.teacher_steps,
+        budget.teacher_batch,
+        seed=seed,
+        progress=progress,
+    )
+
+
+# The student (`main`) and the ablations of issue 4 §4, each a set of `turbokit distill` options over
+# the main run's; every ablation gets the same step budget as the others.
+DISTILL_RUNS: dict[str, dict[str, object]] = {
+    "main": {},
+    "adv-only": {"distill_lambda": 0.0},
+    "distill-only": {"adversarial_weight": 0.0},
+    "weighting-sds": {"distill_weighting": "sds"},
+    "weighting-nfsd": {"distill_weighting": "nfsd"},
+    "ladd": {"method": "ladd"},
+    "cond-none": {"disc_conditioning": "none"},
+    "cond-text": {"disc_conditioning": "text"},
+}
+
+
+def distill_config(root: Path, name: str, budget: Budget, seed: int, progress: bool):
+    """The `turbokit distill` configuration of run `name`; the command line it equals is in docs/results.md."""
+    from turbokit.distill.config import DistillConfig
+
+    options: dict[str, object] = dict(
+        teacher=str(_require(root / "teacher", "teacher") / "model"),
+        data=f"shapes:train?n=1000000&size=64&seed={seed + 3}",
+        output_dir=str(root / "student" / name),
+        method="add",
+        dino_model=str(_require(root / "text", "text") / "dino"),
+        dino_resolution=64,
+        train_batch_size=budget.distill_batch,
+        max_train_steps=budget.distill_steps if name == "main" else budget.ablation_steps,
+        learning_rate=1e-4,
+        disc_learning_rate=2e-4,
+        lr_warmup_steps=20,
+        teacher_guidance_scale=str(TEACHER_GUIDANCE),
+        use_ema=True,
+        ema_decay=0.99,
+        mixed_precision="bf16",
+        checkpointing_steps=50,
+        checkpoints_total_limit=1,
+        resume_from_checkpoint="latest",
+        report_to="tensorboard",
+        logging_steps=10,
+        seed=seed,
+        progress=progress,
+    )
+    options.update(DISTILL_RUNS[name])
+    return DistillConfig(**options)
+
+
+def stage_distill(root: Path, budget: Budget, seed: int, progress: bool, runs: list[str] | None = None) -> None:
+    from turbokit.distill.trainer import train
+
+    for name in runs or list(DISTILL_RUNS):
+        out = root / "student" / name
+        if (out / "student" / "model_index.json").is_file():
+            continue
+        print(f"-- distill run {name}", file=sys.stderr, flush=True)
+        train(distill_config(root, name, budget, seed, progress))
+
+
+def stage_eval(root: Path, budget: Budget, seed: int, progress: bool) -> None:
+    from turbokit.recipes import evaluator as evaluation
+    from turbokit.recipes import study
+
+    folder = root / "evaluator"
+    if not (folder / "model.safetensors").is_file():
+        evaluation.train_evaluator(
+            budget.evaluator_samples,
+            budget.evaluator_steps,
+            min(64, budget.evaluator_samples),
+            seed=seed,
+            progress=progress,
+        ).save(folder)
+    scorer = evaluation.ShapesEvaluator.load(folder)
+    results = root / "eval" / "results.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if results.is_file():
+        done = {(r["name"], r["steps"]) for r in map(json.loads, results.read_text().splitlines()) if r}
+    rows = [("teacher", root / "teacher" / "model", s, TEACHER_GUIDANCE) for s in (1, 2, 4, 25, 50)]
+    rows += [("student", root / "student" / "main" / "student", s, 0.0) for s in (1, 2, 4)]
+    rows += [(f"ablation {name}", root / "student" / name / "student", 1, 0.0) for name in DISTILL_RUNS]
+    from turbokit.pipeline import TurboPipeline
+
+    for name, model, steps, guidance in rows:
+        if (name, steps) in done or not (model / "model_index.json").is_file():
+            continue
+        pipe = TurboPipeline.from_pretrained(model)
+        row = {"name": name, "model": str(model), "dtype": str(pipe.precision.compute).removeprefix("torch.")}
+        row.update(
+            study.evaluate_model(pipe, scorer, steps, guidance, budget.eval_images, budget.eval_images // 4, seed=seed)
+        )
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        with open(results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="turbokit recipe shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except TurbokitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="(default: %(default)s)")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="where every stage's output goes (default: %(default)s)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (default: 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    parser.add_argument("-q", "--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.scale <= 0:
+        raise TurbokitError(f"--scale must be positive, not {args.scale}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.root)
+    budget = Budget().scaled(args.scale)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for name in stages:
+        started = time.perf_counter()
+        print(f"== stage {name} ({root})", file=sys.stderr, flush=True)
+        globals()[f"stage_{name}"](root, budget, args.seed, not args.quiet)
+        elapsed = time.perf_counter() - started
+        timings = root / "timings.json"
+        recorded = json.loads(timings.read_text()) if timings.is_file() else {}
+        recorded[name] = recorded.get(name, 0.0) + elapsed
+        timings.write_text(json.dumps(recorded, indent=2) + "\n")
+        print(f"== stage {name} done in {elapsed / 60:.1f} min", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

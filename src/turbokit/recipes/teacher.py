@@ -1,0 +1,146 @@
+"""Recipe stage `teacher`: a many-step text-to-image model on `shapes`, the teacher ADD distils.
+
+A diffusers `UNet2DConditionModel` in SD 2.x's conventions (linear attention projections, 64-wide
+cross-attention to the CLIP text states of `turbokit.recipes.clip`), ε-prediction on the
+scaled_linear β schedule with 1000 steps, as SD trains; 10% of captions are dropped so that
+classifier-free guidance works. Trained in bf16 autocast with fp32 weights and an EMA, which is what
+is kept. The result is an ordinary SD 2.x diffusers folder: `turbokit generate -m teacher`, diffusers'
+`StableDiffusionPipeline` and `turbokit distill --pretrained_teacher_model` all load it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from turbokit.configs import turbo_config_dir
+from turbokit.recipes.training import StageRun, set_lr, shapes_batch, step_generator, update_ema, warmup_cosine
+
+CAPTION_DROPOUT = 0.1
+
+
+def build_unet(latent_size: int = 16, cross_attention_dim: int = 64) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 4),  # heads per level, in diffusers' SD 2.x naming: 32-wide heads
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+
+
+def noise_schedule() -> DDPMScheduler:
+    """SD's training schedule: scaled_linear β from 0.00085 to 0.012, 1000 steps, ε-prediction."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+    )
+
+
+@torch.no_grad()
+def encode_text(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
+    return text_encoder(ids).last_hidden_state
+
+
+def teacher_loss(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_states: torch.Tensor,
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    schedule: DDPMScheduler,
+    autocast: bool = True,
+) -> torch.Tensor:
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        latents = latents * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(latents),), generator=generator)
+    noisy = schedule.add_noise(latents, noise, timesteps)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        prediction = unet(noisy, timesteps, text_states).sample
+    return F.mse_loss(prediction.float(), noise)
+
+
+def train_teacher(
+    folder: str | Path,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    steps: int = 4000,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) the teacher in `folder`; writes and returns the diffusers folder `folder/model`."""
+    folder = Path(folder)
+    if (folder / "done.json").is_file():
+        return folder / "model"
+    torch.manual_seed(seed)
+    unet = build_unet(
+        latent_size=vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1),
+        cross_attention_dim=text_encoder.config.hidden_size,
+    )
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    run = StageRun(folder, {"unet": unet, "ema": ema}, optimizer, steps, label="teacher")
+    run.resume()
+    vae.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    schedule = noise_schedule()
+    unet.train()
+    for step in run.steps(progress=progress):
+        set_lr(optimizer, lr, warmup_cosine(step, steps, 200))
+        generator = step_generator(seed, step)
+        pixels, captions = shapes_batch("train", step, batch_size, seed=seed + 2)
+        drop = torch.rand(len(captions), generator=generator) < CAPTION_DROPOUT
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        loss = teacher_loss(unet, vae, encode_text(text_encoder, tokenizer, captions), pixels, generator, schedule)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        update_ema(ema, unet, min(ema_decay, (1 + step) / (10 + step)))
+        run.log(loss=loss.item())
+    save_pipeline(folder / "model", ema, vae, text_encoder, tokenizer)
+    run.finish({"steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay})
+    return folder / "model"
+
+
+def save_pipeline(
+    path: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer
+) -> Path:
+    """An SD 2.x diffusers folder with the Turbo scheduler config (Euler, trailing timesteps)."""
+    from diffusers import StableDiffusionPipeline
+
+    scheduler = EulerDiscreteScheduler.from_pretrained(turbo_config_dir("sd2"), subfolder="scheduler")
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path

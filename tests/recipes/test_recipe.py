@@ -1,0 +1,126 @@
+"""The shapes recipe end to end at a tiny scale: every stage runs, resumes, and hands on what the next needs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from turbokit.cli import main
+from turbokit.errors import TurbokitError
+from turbokit.pipeline import TurboPipeline
+from turbokit.recipes import recipe
+
+TINY = recipe.Budget(
+    vae_steps=2,
+    vae_batch=4,
+    text_steps=2,
+    text_batch=8,
+    teacher_steps=2,
+    teacher_batch=4,
+    distill_steps=2,
+    distill_batch=2,
+    ablation_steps=1,
+    eval_images=8,
+    evaluator_steps=2,
+    evaluator_samples=16,
+)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    for stage in ("vae", "text", "teacher"):
+        getattr(recipe, f"stage_{stage}")(root, TINY, 0, False)
+    return root
+
+
+def test_stages_write_loadable_models(root):
+    assert json.loads((root / "vae" / "done.json").read_text())["steps"] == 2
+    for part in ("text_encoder", "tokenizer", "dino"):
+        assert (root / "text" / part).is_dir()
+    pipe = TurboPipeline.from_pretrained(root / "teacher" / "model", dtype="fp32")
+    assert pipe.family_name == "sd2" and pipe.native_size == 64
+    image = pipe("a red circle on a blue background", steps=2, seed=0).images[0]
+    assert image.size == (64, 64)
+
+
+def test_teacher_loads_in_diffusers(root):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(root / "teacher" / "model")
+    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.scaling_factor != 0.18215
+
+
+def test_a_stage_needs_the_one_before(tmp_path):
+    with pytest.raises(TurbokitError, match="stage 'vae' has not finished"):
+        recipe.stage_teacher(tmp_path, TINY, 0, False)
+
+
+def test_distill_and_eval_stages(root):
+    recipe.stage_distill(root, TINY, 0, False, runs=["main", "ladd"])
+    student = root / "student" / "main" / "student"
+    assert (student / "model_index.json").is_file()
+    recipe.stage_eval(root, TINY, 0, False)
+    rows = [json.loads(line) for line in (root / "eval" / "results.jsonl").read_text().splitlines()]
+    names = {(r["name"], r["steps"]) for r in rows}
+    assert ("teacher", 50) in names and ("student", 1) in names and ("ablation ladd", 1) in names
+    assert ("ablation adv-only", 1) not in names  # never trained: no row, not a fake one
+    for r in rows:
+        assert 0 <= r["alignment"] <= 1 and r["fid"] >= 0 and r["images"] == 8 and r["seconds_per_image"] > 0
+    recipe.stage_eval(root, TINY, 0, False)  # resumable: rows already there are not repeated
+    again = (root / "eval" / "results.jsonl").read_text().splitlines()
+    assert len(again) == len(rows)
+
+
+def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
+    from turbokit.recipes import autoencoder, training
+
+    whole = autoencoder.train_vae(tmp_path / "whole", steps=4, batch_size=2, progress=False)
+    monkeypatch.setattr(training, "SAVE_EVERY_S", 0.0)  # save after every step
+    calls, loss = [], autoencoder.vae_loss
+
+    def dies_on_the_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the session ends mid-stage
+        return loss(*args)
+
+    monkeypatch.setattr(autoencoder, "vae_loss", dies_on_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        autoencoder.train_vae(tmp_path / "split", steps=4, batch_size=2, progress=False)
+    monkeypatch.setattr(autoencoder, "vae_loss", loss)
+    resumed = autoencoder.train_vae(tmp_path / "split", steps=4, batch_size=2, progress=False)
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_cli_eval_and_errors(root, capsys):
+    evaluator = root / "evaluator"
+    code = main(
+        [
+            "eval",
+            str(root / "teacher" / "model"),
+            "--evaluator",
+            str(evaluator),
+            "--steps",
+            "1,2",
+            "--images",
+            "4",
+            "--heldout-images",
+            "2",
+            "--guidance",
+            "2",
+            "--dtype",
+            "fp32",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["steps"] for r in rows] == [1, 2] and all(r["guidance"] == 2 for r in rows)
+    assert main(["eval", str(root / "teacher" / "model"), "--evaluator", str(root), "--images", "4"]) == 2
+    assert "no evaluator" in capsys.readouterr().err
+    assert main(["eval", "x", "--evaluator", str(evaluator), "--steps", "one"]) == 2
+    assert main(["recipe", "shapes", "--stage", "teacher", "--root", str(root / "nowhere"), "-q"]) == 2
+    assert "has not finished" in capsys.readouterr().err
