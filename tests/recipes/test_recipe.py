@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 import torch
 
 from turbokit.cli import main
@@ -72,6 +73,22 @@ def test_distill_and_eval_stages(root):
     recipe.stage_eval(root, TINY, 0, False)  # resumable: rows already there are not repeated
     again = (root / "eval" / "results.jsonl").read_text().splitlines()
     assert len(again) == len(rows)
+
+    # the figures of docs/results.md
+    from turbokit.recipes import report
+
+    assert report.main(["--root", str(root), "--out", str(root / "figures")]) == 0
+    table = (root / "figures" / "table.md").read_text().splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| teacher | 1 | 3 |")
+    with Image.open(root / "figures" / "student-steps.png") as grid:
+        assert grid.width >= 8 * 64 * report.SCALE  # eight step counts side by side
+    assert (root / "figures" / "student-sizes.png").is_file() and (root / "figures" / "teacher-steps.png").is_file()
+    shipped = recipe.stage_ship(root, TINY, 0, False)
+    from safetensors import safe_open
+
+    with safe_open(shipped / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    assert TurboPipeline.from_pretrained(shipped)("a red circle", seed=0).images[0].size == (64, 64)
 
 
 def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):

@@ -33,11 +33,11 @@ TEACHER_GUIDANCE = 3.0  # the teacher's CFG scale, in its own sampling and as th
 class Budget:
     """Steps and batch sizes of each stage at scale 1 (about 2–3 hours on a 2-core CPU in all)."""
 
-    vae_steps: int = 1200
+    vae_steps: int = 1500
     vae_batch: int = 32
     text_steps: int = 1500
     text_batch: int = 128
-    teacher_steps: int = 4000
+    teacher_steps: int = 3500
     teacher_batch: int = 64
     distill_steps: int = 1000
     distill_batch: int = 32
@@ -184,6 +184,30 @@ def stage_eval(root: Path, budget: Budget, seed: int, progress: bool) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+SHIP_LIMIT_MB = 30.0
+
+
+def stage_ship(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
+    """The main student as the package ships it: a diffusers folder in fp16 safetensors at ROOT/shapes-turbo,
+    with the evaluator beside it (for `turbokit eval`). Copy it to src/turbokit/models/ to make it the default."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    student = root / "student" / "main" / "student"
+    if not (student / "model_index.json").is_file():
+        raise TurbokitError(f"no student in {student}: run --stage distill first")
+    out = root / "shapes-turbo"
+    shutil.rmtree(out, ignore_errors=True)
+    pipe = StableDiffusionPipeline.from_pretrained(student, torch_dtype=torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    if size > SHIP_LIMIT_MB:
+        raise TurbokitError(f"the shipped model is {size:.1f} MB, over the {SHIP_LIMIT_MB:.0f} MB budget")
+    print(f"wrote {out} ({size:.1f} MB)", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="turbokit recipe shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="(default: %(default)s)")
+    parser.add_argument(
+        "--stage",
+        choices=(*STAGES, "all", "ship"),
+        default="all",
+        help="one stage, every stage in order, or ship: the student in fp16 as the package ships it "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--root", default=DEFAULT_ROOT, help="where every stage's output goes (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (default: 1)")
     parser.add_argument("--seed", type=int, default=0)

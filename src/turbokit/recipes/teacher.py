@@ -66,10 +66,10 @@ def teacher_loss(
     schedule: DDPMScheduler,
     autocast: bool = True,
 ) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        latents = latents * vae.config.scaling_factor
+        latents = latents.float() * vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(latents),), generator=generator)
     noisy = schedule.add_noise(latents, noise, timesteps)
@@ -83,7 +83,7 @@ def train_teacher(
     vae: AutoencoderKL,
     text_encoder: CLIPTextModel,
     tokenizer: CLIPTokenizer,
-    steps: int = 4000,
+    steps: int = 3500,
     batch_size: int = 64,
     lr: float = 5e-4,
     ema_decay: float = 0.999,
