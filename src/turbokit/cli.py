@@ -1,4 +1,4 @@
-"""The `turbokit` command line: generate, img2img, info.
+"""The `turbokit` command line: generate, img2img, video, info, serve, distill, distill-decoder, recipe, eval.
 
 User errors (TurbokitError) print one line and exit 2; interrupted runs exit 130; both without
 a traceback. Cheap checks (paths, sizes, steps/strength) run before the model is loaded.
@@ -92,6 +92,12 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--tiny-vae", default=None, metavar="PATH", help="decode with this AutoencoderTiny folder (faster)")
     p.add_argument(
+        "--decoder",
+        choices=["full", "tiny"],
+        default=None,
+        help="full: the model's VAE; tiny: --tiny-vae, else the model folder's vae_tiny/ (default: tiny if --tiny-vae)",
+    )
+    p.add_argument(
         "--allow-pickle", action="store_true", help="load pickle checkpoints (.ckpt/.pt/.bin): only if trusted"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages, only errors")
@@ -146,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("name", choices=["shapes"], help="the recipe (shapes: the synthetic captioned dataset)")
     recipe.add_arguments(rec)
+    from turbokit import decoder_distill
+
+    dd = sub.add_parser(
+        "distill-decoder",
+        help="train a tiny (TAESD-style) autoencoder for a model's latents: fast decoding with --tiny-vae",
+        description=decoder_distill.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    decoder_distill.add_arguments(dd)
     ev = sub.add_parser(
         "eval", help="quality of a shapes model: FID, prompt alignment, held-out pairs", description=study.__doc__
     )
@@ -166,6 +181,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     from turbokit import sampling
     from turbokit.images import load_image
+    from turbokit.loading import tiny_vae_location
     from turbokit.metadata import save_png
     from turbokit.pipeline import TurboPipeline
 
@@ -187,10 +203,11 @@ def _generate(args: argparse.Namespace) -> None:
     base_seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     seeds = [base_seed + i for i in range(args.num_images)]
     paths = output_paths(args.output, seeds)
+    tiny_vae = tiny_vae_location(args.model, args.decoder, args.tiny_vae)
 
     start = time.perf_counter()
     pipe = TurboPipeline.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, allow_pickle=args.allow_pickle
+        args.model, device=args.device, dtype=args.dtype, tiny_vae=tiny_vae, allow_pickle=args.allow_pickle
     )
     log.info(f"loaded {pipe.model_name} ({pipe.family_name}) on {pipe.device} in {time.perf_counter() - start:.1f} s")
     batch = args.batch_size or (1 if pipe.device.type == "cpu" else 4)
@@ -226,6 +243,7 @@ def _video(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from turbokit import sampling, video
+    from turbokit.loading import tiny_vae_location
     from turbokit.pipeline import TurboPipeline
 
     source, target = Path(args.input), Path(args.output)
@@ -235,8 +253,9 @@ def _video(args: argparse.Namespace) -> None:
     size = parse_size(args.size) if args.size else None
     if args.batch_size is not None and args.batch_size < 1:
         raise InvalidRequestError("--batch-size must be at least 1")
+    tiny_vae = tiny_vae_location(args.model, args.decoder, args.tiny_vae)
     pipe = TurboPipeline.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, allow_pickle=args.allow_pickle
+        args.model, device=args.device, dtype=args.dtype, tiny_vae=tiny_vae, allow_pickle=args.allow_pickle
     )
     width, height = video.output_size(info, pipe.native_size, size)
     batch = args.batch_size or (1 if pipe.device.type == "cpu" else 4)
@@ -320,6 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from turbokit.recipes import recipe
 
             recipe.run(args)
+        elif args.command == "distill-decoder":
+            from turbokit import decoder_distill
+
+            decoder_distill.run(args)
         elif args.command == "eval":
             from turbokit.recipes import study
 

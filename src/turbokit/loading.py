@@ -17,10 +17,12 @@ from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from turbokit.errors import ModelNotFoundError, TurbokitError
+from turbokit.errors import InvalidRequestError, ModelNotFoundError, TurbokitError
 from turbokit.tokenizer import PAD_OPENAI, PAD_OPENCLIP, clip_tokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+TINY_VAE_SUBFOLDER = "vae_tiny"
+"""Where `--decoder tiny` looks for an AutoencoderTiny inside a model folder (diffusers ignores extra subfolders)."""
 PICKLE_REFUSAL = (
     "pickle-based weights can run arbitrary code when loaded; convert them to .safetensors, "
     "or pass --allow-pickle (allow_pickle=True) if you trust the source"
@@ -151,7 +153,27 @@ def load_model(model: str | Path, *, allow_pickle: bool, dtype: torch.dtype, vae
         loaded = load_folder(_download(str(model), allow_pickle), allow_pickle, dtype, vae_dtype)
         loaded.name = str(model)
         return loaded
-    raise ModelNotFoundError(f"model not found: {model} is neither a file, a folder, nor a hub id like org/name")
+    raise ModelNotFoundError(_not_found(model))
+
+
+def check_model_source(model: str | Path) -> None:
+    """Fail now, before slower work, if `model` is neither a file, a folder, nor a hub id."""
+    if not (Path(model).expanduser().exists() or _HUB_ID.match(str(model))):
+        raise ModelNotFoundError(_not_found(model))
+
+
+def _not_found(model: str | Path) -> str:
+    return f"model not found: {model} is neither a file, a folder, nor a hub id like org/name"
+
+
+def load_vae(model: str | Path, *, allow_pickle: bool, dtype: torch.dtype) -> AutoencoderKL:
+    """Only the VAE of `model`: from a diffusers folder without loading the rest, otherwise from the whole model."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "vae").is_dir():
+            raise ModelNotFoundError(f"{path} has no vae/ folder: give a diffusers model folder")
+        return _load_part(AutoencoderKL, path, "vae", allow_pickle, dtype)
+    return load_model(model, allow_pickle=allow_pickle, dtype=dtype, vae_dtype=dtype).components["vae"]
 
 
 def load_tiny_vae(path: str | Path, dtype: torch.dtype) -> AutoencoderTiny:
@@ -163,3 +185,23 @@ def load_tiny_vae(path: str | Path, dtype: torch.dtype) -> AutoencoderTiny:
     if config.get("_class_name") != "AutoencoderTiny":
         raise ModelNotFoundError(f"--tiny-vae {path}: expected an AutoencoderTiny, found {config.get('_class_name')}")
     return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype)
+
+
+def tiny_vae_location(model: str | Path, decoder: str | None, tiny_vae: str | Path | None) -> str | Path | None:
+    """The AutoencoderTiny folder to decode with, or None for the full VAE.
+
+    `decoder` is "full", "tiny" or None (tiny exactly when `tiny_vae` is given). "tiny" without
+    `tiny_vae` means the model folder's `vae_tiny/`, where `turbokit distill-decoder` can write one."""
+    if decoder == "full":
+        if tiny_vae is not None:
+            raise InvalidRequestError("--decoder full contradicts --tiny-vae: give one of them")
+        return None
+    if tiny_vae is not None or decoder is None:
+        return tiny_vae
+    folder = Path(model).expanduser() / TINY_VAE_SUBFOLDER
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"--decoder tiny: {model} has no {TINY_VAE_SUBFOLDER}/ folder; train one with "
+            f"`turbokit distill-decoder {model} --data IMAGES --output-dir {folder}`, or pass --tiny-vae PATH"
+        )
+    return folder

@@ -58,6 +58,27 @@ class GenerationResult:
         return [p.seed for p in self.parameters]
 
 
+def _latent_stats(config: dict, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is None or std is None:
+        return None
+    view = (1, len(mean), 1, 1)
+    return like.new_tensor(mean).view(view), like.new_tensor(std).view(view)
+
+
+def to_latent_space(z: torch.Tensor, vae_config: dict) -> torch.Tensor:
+    """VAE latents → the UNet's (scaled) latent space: z·sf, or (z − μ)·sf/σ for VAEs whose config gives
+    `latents_mean`/`latents_std`. A tiny decoder (`turbokit distill-decoder`) is trained on this space too."""
+    stats, sf = _latent_stats(vae_config, z), vae_config["scaling_factor"]
+    return z * sf if stats is None else (z - stats[0]) * sf / stats[1]
+
+
+def from_latent_space(x: torch.Tensor, vae_config: dict) -> torch.Tensor:
+    """The inverse of `to_latent_space`: what the full VAE's decoder takes."""
+    stats, sf = _latent_stats(vae_config, x), vae_config["scaling_factor"]
+    return x / sf if stats is None else x * stats[1] / sf + stats[0]
+
+
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, conv: bool = False) -> torch.nn.Module:
     """Move a model to its device and dtype, in inference mode; convolutional models go channels-last,
     the layout oneDNN and cuDNN convolve fastest (measured: 30% off the SD VAE decode on a CPU)."""
@@ -226,28 +247,13 @@ class TurboPipeline:
         if self.tiny_vae is not None:
             out = self.tiny_vae.decode(latents.to(self.precision.vae) / self.tiny_vae.config.scaling_factor).sample
         else:
-            out = self.vae.decode(self._from_latent_space(latents).to(self.precision.vae)).sample
+            out = self.vae.decode(from_latent_space(latents, self.vae.config).to(self.precision.vae)).sample
         out = out.float()
         if not torch.isfinite(out).all():
             log.warning("the decoder produced NaN/inf values (numeric overflow): try --dtype fp32")
         return (out / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ helpers
-
-    def _latent_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        mean, std = self.vae.config.get("latents_mean"), self.vae.config.get("latents_std")
-        if mean is None or std is None:
-            return None
-        view = (1, len(mean), 1, 1)
-        return torch.tensor(mean, device=self.device).view(view), torch.tensor(std, device=self.device).view(view)
-
-    def _to_latent_space(self, z: torch.Tensor) -> torch.Tensor:
-        stats, sf = self._latent_stats(), self.vae.config.scaling_factor
-        return z * sf if stats is None else (z - stats[0]) * sf / stats[1]
-
-    def _from_latent_space(self, x: torch.Tensor) -> torch.Tensor:
-        stats, sf = self._latent_stats(), self.vae.config.scaling_factor
-        return x / sf if stats is None else x * stats[1] / sf + stats[0]
 
     def _encode_images(
         self, images: list[Image.Image], width: int, height: int, generators: list[torch.Generator]
@@ -261,7 +267,7 @@ class TurboPipeline:
             mean, std = mean.expand(len(generators), -1, -1, -1), std.expand(len(generators), -1, -1, -1)
         # A sample (not the mean) of the posterior per image, from that image's own generator, as diffusers does.
         z = mean + std * sampling.noise(mean.shape, generators, self.device, torch.float32)
-        return self._to_latent_space(z)
+        return to_latent_space(z, self.vae.config)
 
     def _encode_new_prompts(self, prompts: list[str]) -> Conditioning:
         """What the prompt cache calls on a miss: repeated prompts pay neither the check nor the encoder."""

@@ -135,18 +135,19 @@ class ImageFolderSource:
 
     An image without a caption is left out and counted rather than trained on with an empty
     caption: a missing caption is far more often a mistake than a wish (an empty `.txt` file is
-    how to say "no caption")."""
+    how to say "no caption"). With `captions=False` (training that ignores captions, like
+    `turbokit distill-decoder`) every image is used and a missing caption reads as ""."""
 
     sample_size = None
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, captions: bool = True) -> None:
         self.root = Path(root)
         self.name = str(self.root)
         self.skipped = SkippedSamples()
         if not self.root.is_dir():
             raise TurbokitError(f"training data {self.root} is not a folder")
         images: list[Path] = []
-        captions: set[Path] = set()
+        caption_files: set[Path] = set()
         for folder, subfolders, files in os.walk(self.root):
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]
             for file in files:
@@ -156,13 +157,15 @@ class ImageFolderSource:
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
                     images.append(path)
                 elif path.suffix == ".txt":
-                    captions.add(path)
+                    caption_files.add(path)
         images.sort()  # the index must not depend on the filesystem's listing order (resume relies on it)
-        self._pairs: list[tuple[Path, Path]] = []
+        self._pairs: list[tuple[Path, Path | None]] = []
         for image in images:
             caption = image.with_suffix(".txt")
-            if caption in captions:
+            if caption in caption_files:
                 self._pairs.append((image, caption))
+            elif not captions:
+                self._pairs.append((image, None))
             else:
                 self.skipped.add(f"{image}: no caption file {caption.name}")
         if not images:
@@ -182,7 +185,7 @@ class ImageFolderSource:
 
     def load(self, index: int) -> tuple[Image.Image, str]:
         image, caption = self._pairs[index]
-        return load_image(image), _decode_caption(_read_file(caption), str(caption))
+        return load_image(image), "" if caption is None else _decode_caption(_read_file(caption), str(caption))
 
 
 class JsonlSource:
@@ -320,13 +323,14 @@ def expand_shards(pattern: str | Path) -> list[Path]:
     return paths
 
 
-def build_source(path: str | Path, synthetic: bool = False) -> Source | PromptSource:
+def build_source(path: str | Path, synthetic: bool = False, captions: bool = True) -> Source | PromptSource:
     """The source for `path`, chosen by what it is; TurbokitError in one line if it holds no usable samples.
 
     A `shapes:` URI (turbokit's synthetic dataset), a synthetic latent cache (a folder with its
     manifest), `.jsonl`, a `.tar` or a shard pattern, a folder of `.tar` shards (and no images at its
     top), or a folder of images. With `synthetic`, `path` is a synthetic latent cache or a prompts
-    file, one prompt per line (a `PromptSource`)."""
+    file, one prompt per line (a `PromptSource`). With `captions=False`, a folder's images need no
+    `.txt` captions."""
     from turbokit.distill import synthetic as synthetic_cache  # imports this module
     from turbokit.recipes.shapes import parse_shapes_uri  # imports this module too
 
@@ -350,7 +354,7 @@ def build_source(path: str | Path, synthetic: bool = False) -> Source | PromptSo
         has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in top)
         if not has_images and any(p.suffix.lower() == ".tar" for p in top):
             return TarShardSource(path)
-        return ImageFolderSource(path)
+        return ImageFolderSource(path, captions)
     raise TurbokitError(
         f"cannot read training data from {path}: give a folder of images with .txt captions, a .jsonl file, "
         ".tar shards, or a synthetic latent cache"
