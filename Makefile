@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_MODEL := build/demo-model
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-openvino-env clean
 
 # torch is pinned first so that pip takes the CPU build instead of several GB of CUDA wheels;
 # open-clip-torch only provides the CLIP BPE vocabulary (--no-deps keeps torchvision out).
@@ -35,5 +35,23 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py
 
+# OpenVINO's own pipeline (optimum-intel) for issue 6's side-by-side benchmark, in a venv of its own because its
+# pins conflict with ours: benchmarks/openvino-requirements.txt says which and why. torch first, as above;
+# optimum-intel --no-deps, to leave out the CUDA-only torchvision it lists.
+OV_VENV := .venv-openvino
+OV_PY := $(OV_VENV)/bin/python
+OV_STAMP := $(OV_VENV)/.installed
+
+$(OV_STAMP): benchmarks/openvino-requirements.txt
+	$(PYTHON) -m venv $(OV_VENV)
+	$(OV_PY) -m pip install -q --upgrade pip
+	$(OV_PY) -m pip install -q torch==2.13.0
+	$(OV_PY) -m pip install -q --no-deps optimum-intel==2.2.0
+	$(OV_PY) -m pip install -q -r benchmarks/openvino-requirements.txt
+	$(OV_PY) -c "from optimum.intel import OVStableDiffusionPipeline"
+	touch $(OV_STAMP)
+
+bench-openvino-env: $(OV_STAMP)
+
 clean:
-	rm -rf $(VENV) build demo.png
+	rm -rf $(VENV) $(OV_VENV) build demo.png

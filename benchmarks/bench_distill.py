@@ -49,10 +49,11 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from bench_inference import PeakRSS, random_sd_turbo, rss_bytes
+from bench_inference import random_sd_turbo
 from diffusers.optimization import get_scheduler
 from diffusers.schedulers import EulerDiscreteScheduler
 from diffusers.utils import logging as diffusers_logging
+from peak_rss import PeakRSS, rss_bytes
 from torch import Tensor, nn
 from transformers import Dinov2Config, Dinov2Model
 from transformers.utils import logging as transformers_logging

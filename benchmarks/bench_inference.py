@@ -1,39 +1,56 @@
-"""turbokit against diffusers on the full-size SD-Turbo architecture (random weights, offline).
+"""turbokit against diffusers and OpenVINO on the full-size SD-Turbo architecture (random weights, offline).
 
 Builds SD-Turbo's UNet, VAE and OpenCLIP-H text encoder from the shipped configs with random
 weights (speed and memory only — random weights say nothing about quality), then times, interleaved
-in one process so that the machine's state affects every row alike:
+in one run so that the machine's state affects every row alike:
 
-  diffusers fp32 (its default), diffusers bf16/fp16, turbokit at its defaults, turbokit fp32.
+  diffusers fp32 (its default), diffusers bf16/fp16, turbokit at its defaults, turbokit fp32, and
+  with --openvino OpenVINO's own pipeline (optimum-intel) at turbokit's default precision.
+
+OpenVINO runs in its own venv (.venv-openvino, `make bench-openvino-env`; its pins conflict with
+ours): the same weights are saved once as a diffusers folder under --cache-dir, which
+benchmarks/bench_openvino.py exports to OpenVINO IR once, and a worker process of that venv answers
+one call at a time in turn with the in-process rows (its timings are taken inside the worker).
 
 Each call uses a new prompt, so turbokit's prompt cache gives it no advantage. Prints the medians,
-the ratios the issue's targets are stated in, and each call's peak resident-memory growth.
+the ratios the issues' targets are stated in, and each call's peak resident-memory growth.
 
-    python benchmarks/bench_inference.py [--size 512] [--steps 1] [--repeats 3]
+    python benchmarks/bench_inference.py [--size 512] [--steps 1] [--repeats 3] [--openvino]
+    python benchmarks/bench_inference.py --tiny --openvino --repeats 1     # smoke run, tiny model, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
-import threading
+import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import EulerDiscreteScheduler
 from diffusers.utils import logging as diffusers_logging
+from peak_rss import PeakRSS
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from turbokit.configs import turbo_config_dir
 from turbokit.loading import LoadedModel
 from turbokit.pipeline import TurboPipeline
 from turbokit.precision import choose_precision, parse_device
+from turbokit.tiny import TINY_SIZE, tiny_components
 from turbokit.tokenizer import PAD_OPENCLIP, clip_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
+OPENVINO_PYTHON = ROOT / ".venv-openvino" / "bin" / "python"
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+OPENVINO_PRECISIONS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}  # its INFERENCE_PRECISION_HINT
 
 
 def random_sd_turbo() -> dict[str, object]:
@@ -49,50 +66,130 @@ def random_sd_turbo() -> dict[str, object]:
     }
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+@dataclass
+class Call:
+    """One timed call: seconds, peak resident-memory growth, and per-component seconds where known."""
+
+    seconds: float
+    peak_growth_gib: float
+    parts: dict[str, float] = field(default_factory=dict)
 
 
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 5 ms in a thread."""
+def in_process(generate: Callable[[str], object]) -> Callable[[str], Call]:
+    def run(prompt: str) -> Call:
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            generate(prompt)
+            seconds = time.perf_counter() - start
+        return Call(seconds, mem.growth_gib)
 
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
+    return run
 
-    def _watch(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_bytes())
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+def save_diffusers_folder(parts: dict[str, object], folder: Path) -> Path:
+    """`parts` as a diffusers folder, written once: kept while torch, diffusers and transformers are unchanged
+    (the random weights are drawn from a fixed seed)."""
+    stamp = folder / "turbokit-bench.json"
+    versions = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+    if stamp.is_file() and json.loads(stamp.read_text()) == versions:
+        return folder
+    print(f"saving the random weights as a diffusers folder in {folder} (once) ...", flush=True)
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    stamp.write_text(json.dumps(versions))
+    return folder
 
-    @property
-    def growth_gib(self) -> float:
-        return (self.peak - self.base) / 2**30
+
+class OpenVINOWorker:
+    """benchmarks/bench_openvino.py --serve in .venv-openvino: one call per request, timed inside the worker."""
+
+    def __init__(self, folder: Path, size: int, steps: int, precision: str, threads: int, log: Path) -> None:
+        self.log = log
+        command = [str(OPENVINO_PYTHON), str(ROOT / "benchmarks" / "bench_openvino.py"), str(folder), "--serve"]
+        command += ["--size", str(size), "--steps", str(steps), "--precision", precision, "--threads", str(threads)]
+        with open(log, "w") as stderr:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True
+            )
+        self.setup = self._answer()
+
+    def _answer(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            tail = self.log.read_text()[-3000:]
+            raise RuntimeError(f"the OpenVINO worker stopped (log: {self.log}):\n{tail}")
+        return json.loads(line)
+
+    def __call__(self, prompt: str) -> Call:
+        self.process.stdin.write(json.dumps({"prompt": prompt, "seed": 0}) + "\n")
+        self.process.stdin.flush()
+        answer = self._answer()
+        parts = {name: answer[f"{name}_s"] for name in ("text_encoder", "unet", "vae_decode")}
+        return Call(answer["total_s"], answer["peak_rss_growth_gib"], parts)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def start_openvino(
+    parts: dict[str, object], args: argparse.Namespace, device: torch.device, fast_name: str
+) -> OpenVINOWorker | None:
+    """The OpenVINO worker, ready (exported and compiled), or None with the reason printed."""
+    if device.type != "cpu":
+        print(f"skipping OpenVINO: it runs on the CPU here, the benchmark on {device}", flush=True)
+        return None
+    if not OPENVINO_PYTHON.exists():
+        print(
+            f"skipping OpenVINO: {OPENVINO_PYTHON.parent.parent} is missing; `make bench-openvino-env` makes it",
+            flush=True,
+        )
+        return None
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    folder = save_diffusers_folder(parts, args.cache_dir / ("tiny-sd2" if args.tiny else "sd-turbo-random"))
+    print("starting OpenVINO (exports to IR on the first run) ...", flush=True)
+    start = time.perf_counter()
+    log = args.cache_dir / "openvino-worker.log"
+    worker = OpenVINOWorker(folder, args.size, args.steps, OPENVINO_PRECISIONS[fast_name], torch.get_num_threads(), log)
+    setup = worker.setup
+    export = "IR cached" if setup["export_s"] is None else f"exported to IR in {setup['export_s']:.1f} s"
+    print(
+        f"OpenVINO {setup['openvino']} (optimum-intel {setup['optimum_intel']}) ready in "
+        f"{time.perf_counter() - start:.1f} s: {export}, loaded and compiled in {setup['load_s']:.1f} s, "
+        f"precision {setup['precision']}, {setup['threads']} threads; log {log}",
+        flush=True,
+    )
+    return worker
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, default=None, help=f"pixels (default: 512; {TINY_SIZE} with --tiny)")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--tiny", action="store_true", help="a tiny random SD 2.x model instead (smoke run)")
+    parser.add_argument("--openvino", action="store_true", help="add OpenVINO's pipeline (needs .venv-openvino)")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=ROOT / "build" / "bench-inference", help="saved weights and IR for OpenVINO"
+    )
     args = parser.parse_args()
+    args.size = args.size or (TINY_SIZE if args.tiny else 512)
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     device = parse_device(args.device)
     fast = choose_precision(device).compute  # turbokit's default compute dtype here
     fast_name = DTYPE_NAMES[fast]
 
-    print(f"building random-weight SD-Turbo (device {device}, {torch.get_num_threads()} threads) ...", flush=True)
-    base = random_sd_turbo()
+    model_name = "tiny SD 2.x" if args.tiny else "SD-Turbo architecture"
+    print(f"building random-weight {model_name} (device {device}, {torch.get_num_threads()} threads) ...", flush=True)
+    base = tiny_components("sd2") if args.tiny else random_sd_turbo()
+    # OpenVINO first: its export, the most memory-hungry step, runs before the other pipelines exist
+    openvino = start_openvino(base, args, device, fast_name) if args.openvino else None
 
     def diffusers_pipe(dtype: torch.dtype) -> StableDiffusionPipeline:
         parts = base if dtype == torch.float32 else copy.deepcopy(base)
@@ -106,48 +203,61 @@ def main() -> None:
         parts = copy.deepcopy(base)
         return TurboPipeline(LoadedModel("sd2", parts, "sd-turbo-random"), device, choose_precision(device, dtype))
 
-    rows: dict[str, Callable[[str], object]] = {}
+    rows: dict[str, Callable[[str], Call]] = {}
     d32 = diffusers_pipe(torch.float32)
     dfast = diffusers_pipe(fast)
     t_def = turbokit_pipe(None)
     t32 = turbokit_pipe("fp32")
     common = dict(num_inference_steps=args.steps, guidance_scale=0.0, height=args.size, width=args.size)
-    rows["diffusers fp32 (default)"] = lambda p: d32(p, generator=torch.Generator().manual_seed(0), **common)
-    rows[f"diffusers {fast_name}"] = lambda p: dfast(p, generator=torch.Generator().manual_seed(0), **common)
-    rows[f"turbokit default ({fast_name})"] = lambda p: t_def(
-        p, steps=args.steps, seed=0, width=args.size, height=args.size
+    rows["diffusers fp32 (default)"] = in_process(
+        lambda p: d32(p, generator=torch.Generator().manual_seed(0), **common)
     )
-    rows["turbokit fp32"] = lambda p: t32(p, steps=args.steps, seed=0, width=args.size, height=args.size)
+    rows[f"diffusers {fast_name}"] = in_process(
+        lambda p: dfast(p, generator=torch.Generator().manual_seed(0), **common)
+    )
+    if openvino:
+        rows[f"openvino {fast_name} (optimum-intel)"] = openvino
+    rows[f"turbokit default ({fast_name})"] = in_process(
+        lambda p: t_def(p, steps=args.steps, seed=0, width=args.size, height=args.size)
+    )
+    rows["turbokit fp32"] = in_process(lambda p: t32(p, steps=args.steps, seed=0, width=args.size, height=args.size))
 
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    peaks: dict[str, float] = dict.fromkeys(rows, 0.0)
+    digits = 4 if args.tiny else 2
+    calls: dict[str, list[Call]] = {name: [] for name in rows}
     for run in rows.values():  # warm-up: first-call allocations and oneDNN kernel selection
         run("warm-up prompt")
     for rep in range(args.repeats):
         for name, run in rows.items():
-            prompt = f"a photograph of an astronaut riding a horse, variant {rep} for {name}"
-            with PeakRSS() as mem:
-                start = time.perf_counter()
-                run(prompt)
-                times[name].append(time.perf_counter() - start)
-            peaks[name] = max(peaks[name], mem.growth_gib)
-            print(f"  rep {rep}: {name:<28} {times[name][-1]:.2f} s", flush=True)
+            calls[name].append(run(f"a photograph of an astronaut riding a horse, variant {rep} for {name}"))
+            print(f"  rep {rep}: {name:<32} {calls[name][-1].seconds:.{digits}f} s", flush=True)
+    if openvino:
+        openvino.close()
 
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = {name: statistics.median(call.seconds for call in c) for name, c in calls.items()}
     print(
-        f"\nSD-Turbo architecture, random weights, {args.size}x{args.size}, {args.steps} step(s), "
+        f"\n{model_name}, random weights, {args.size}x{args.size}, {args.steps} step(s), "
         f"batch 1, {device}, {torch.get_num_threads()} threads, median of {args.repeats}:"
     )
     print("| pipeline | median s | min s | peak RSS growth per call GiB |")
     print("|---|---|---|---|")
-    for name in rows:
-        print(f"| {name} | {med[name]:.2f} | {min(times[name]):.2f} | {peaks[name]:.2f} |")
+    for name, c in calls.items():
+        fastest, peak = min(call.seconds for call in c), max(call.peak_growth_gib for call in c)
+        print(f"| {name} | {med[name]:.{digits}f} | {fastest:.{digits}f} | {peak:.2f} |")
+    for name, c in calls.items():
+        if c[0].parts:
+            parts = ", ".join(
+                f"{part} {statistics.median(call.parts[part] for call in c):.{digits}f}" for part in c[0].parts
+            )
+            print(f"{name}, median s per component: {parts}")
     default_name = f"turbokit default ({fast_name})"
     vs_default = med["diffusers fp32 (default)"] / med[default_name]
     vs_same = med[f"diffusers {fast_name}"] / med[default_name]
     print(f"\nturbokit default vs diffusers default: {vs_default:.2f}x faster (target >= 2)")
     print(f"turbokit vs diffusers at {fast_name}: {vs_same:.2f}x faster (target >= 1.1)")
     print(f"turbokit vs diffusers at fp32: {med['diffusers fp32 (default)'] / med['turbokit fp32']:.2f}x faster")
+    if openvino:
+        vs_openvino = med[f"openvino {fast_name} (optimum-intel)"] / med[default_name]
+        print(f"turbokit default vs OpenVINO at {fast_name}: {vs_openvino:.2f}x faster (target >= 1.0)")
 
 
 if __name__ == "__main__":

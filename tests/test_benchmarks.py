@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
+OPENVINO_PYTHON = ROOT / ".venv-openvino" / "bin" / "python"
+needs_openvino = pytest.mark.skipif(
+    not OPENVINO_PYTHON.exists(),
+    reason=f"{OPENVINO_PYTHON.parent.parent} is missing: `make bench-openvino-env` creates it (optimum-intel's venv)",
+)
 
 
 def test_distillation_benchmark_runs_on_tiny_models():
@@ -29,3 +41,52 @@ def test_distillation_benchmark_runs_on_tiny_models():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step / parts" in proc.stdout and "| add |" in proc.stdout and "| ladd" in proc.stdout
+
+
+def run_inference_benchmark(*options: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--tiny", "--repeats", "1", *options]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_inference_benchmark_runs_on_a_tiny_model():
+    out = run_inference_benchmark().stdout
+    assert "| diffusers fp32 (default) |" in out and "| turbokit fp32 |" in out
+    assert "turbokit default vs diffusers default" in out
+
+
+@pytest.fixture(scope="module")
+def openvino_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """bench_inference.py --tiny --openvino, once: its cache folder (weights and IR) and its output."""
+    cache = tmp_path_factory.mktemp("bench-inference")
+    return cache, run_inference_benchmark("--openvino", "--cache-dir", str(cache)).stdout
+
+
+@needs_openvino
+def test_inference_benchmark_interleaves_openvino(openvino_cache):
+    cache, out = openvino_cache
+    assert "exported to IR" in out
+    assert "(optimum-intel) |" in out and "median s per component: text_encoder" in out
+    assert "turbokit default vs OpenVINO" in out
+    assert (cache / "tiny-sd2" / "model_index.json").is_file() and (cache / "tiny-sd2-openvino").is_dir()
+
+
+@needs_openvino
+def test_openvino_benchmark_reuses_its_export_and_matches_diffusers(openvino_cache, tmp_path):
+    """Run alone on the folder the first test saved: no second export, and at f32 the image diffusers makes."""
+    folder = openvino_cache[0] / "tiny-sd2"
+    image = tmp_path / "openvino.png"
+    command = [str(OPENVINO_PYTHON), str(ROOT / "benchmarks" / "bench_openvino.py"), str(folder), "--size", "64"]
+    command += ["--repeats", "2", "--precision", "f32", "--image", str(image), "--prompt", "a red circle"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)  # one JSON line, nothing else
+    assert report["export_s"] is None and report["precision"] == "f32"
+    assert report["median_s"] > 0 and set(report["components_median_s"]) == {"text_encoder", "unet", "vae_decode"}
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    reference = pipe("a red circle", num_inference_steps=1, guidance_scale=0, height=64, width=64, generator=generator)
+    difference = np.abs(np.asarray(Image.open(image), np.int16) - np.asarray(reference.images[0], np.int16))
+    assert difference.max() <= 1  # the same weights (text encoder included) and the same computation
