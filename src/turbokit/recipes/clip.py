@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model
 
+from turbokit.compat import legacy_text_encoder_keys
 from turbokit.distill.feature_networks import IMAGENET_MEAN, IMAGENET_STD
 from turbokit.recipes.training import StageRun, set_lr, shapes_batch, warmup_cosine
 from turbokit.tokenizer import PAD_OPENCLIP, clip_tokenizer
@@ -134,6 +135,7 @@ def train_clip(
     with torch.no_grad():
         _, test_accuracy = model.loss(pixels, tokenize(tokenizer, captions))
     model.text.save_pretrained(folder / "text_encoder")
+    legacy_text_encoder_keys(folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     model.vision.save_pretrained(folder / "dino")
     run.finish({"steps": steps, "batch_size": batch_size, f"test_retrieval_top1_of_{batch_size}": float(test_accuracy)})

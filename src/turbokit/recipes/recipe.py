@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from turbokit.compat import legacy_text_encoder_keys
 from turbokit.errors import TurbokitError
 
 STAGES = ("vae", "text", "teacher", "distill", "eval")
@@ -201,6 +202,7 @@ def stage_ship(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     pipe = StableDiffusionPipeline.from_pretrained(student, torch_dtype=torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
+    legacy_text_encoder_keys(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     if size > SHIP_LIMIT_MB:
         raise TurbokitError(f"the shipped model is {size:.1f} MB, over the {SHIP_LIMIT_MB:.0f} MB budget")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from turbokit.compat import legacy_text_encoder_keys
 from turbokit.configs import turbo_config_dir
 from turbokit.recipes.training import StageRun, set_lr, shapes_batch, step_generator, update_ema, warmup_cosine
 
@@ -143,4 +144,5 @@ def save_pipeline(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
+    legacy_text_encoder_keys(path)
     return path
