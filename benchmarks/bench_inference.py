@@ -4,7 +4,8 @@ Builds SD-Turbo's UNet, VAE and OpenCLIP-H text encoder from the shipped configs
 weights (speed and memory only — random weights say nothing about quality), then times, interleaved
 in one run so that the machine's state affects every row alike:
 
-  diffusers fp32 (its default), diffusers bf16/fp16, turbokit at its defaults, turbokit fp32, and
+  diffusers fp32 (its default), diffusers bf16/fp16, turbokit at its defaults, turbokit fp32,
+  with --quantize int8 turbokit with its UNet's linear layers in int8 (torchao; CPU), and
   with --openvino OpenVINO's own pipeline (optimum-intel) at turbokit's default precision.
 
 OpenVINO runs in its own venv (.venv-openvino, `make bench-openvino-env`; its pins conflict with
@@ -13,10 +14,13 @@ benchmarks/bench_openvino.py exports to OpenVINO IR once, and a worker process o
 one call at a time in turn with the in-process rows (its timings are taken inside the worker).
 
 Each call uses a new prompt, so turbokit's prompt cache gives it no advantage. Prints the medians,
-the ratios the issues' targets are stated in, and each call's peak resident-memory growth.
+the ratios the issues' targets are stated in, and each call's peak resident-memory growth; with
+--quantize, also the PSNR of the int8 images against turbokit's default-precision ones (same prompts and
+seed; with random weights it measures numerical drift, not the quality of a trained model's images).
 
     python benchmarks/bench_inference.py [--size 512] [--steps 1] [--repeats 3] [--openvino]
     python benchmarks/bench_inference.py --tiny --openvino --repeats 1     # smoke run, tiny model, seconds
+    python benchmarks/bench_inference.py --tiny --quantize int8 --repeats 1
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from turbokit.configs import turbo_config_dir
 from turbokit.loading import LoadedModel
 from turbokit.pipeline import TurboPipeline
 from turbokit.precision import choose_precision, parse_device
+from turbokit.quantize import psnr
 from turbokit.tiny import TINY_SIZE, tiny_components
 from turbokit.tokenizer import PAD_OPENCLIP, clip_tokenizer
 
@@ -175,6 +180,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random SD 2.x model instead (smoke run)")
     parser.add_argument("--openvino", action="store_true", help="add OpenVINO's pipeline (needs .venv-openvino)")
     parser.add_argument(
+        "--quantize", choices=["int8"], default=None, help="add turbokit with the UNet in int8 (torchao, CPU only)"
+    )
+    parser.add_argument(
         "--cache-dir", type=Path, default=ROOT / "build" / "bench-inference", help="saved weights and IR for OpenVINO"
     )
     args = parser.parse_args()
@@ -199,9 +207,10 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device, dtype)
 
-    def turbokit_pipe(dtype: str | None) -> TurboPipeline:
+    def turbokit_pipe(dtype: str | None, quantize: str | None = None) -> TurboPipeline:
         parts = copy.deepcopy(base)
-        return TurboPipeline(LoadedModel("sd2", parts, "sd-turbo-random"), device, choose_precision(device, dtype))
+        model = LoadedModel("sd2", parts, "sd-turbo-random")
+        return TurboPipeline(model, device, choose_precision(device, dtype), quantize=quantize)
 
     rows: dict[str, Callable[[str], Call]] = {}
     d32 = diffusers_pipe(torch.float32)
@@ -221,6 +230,13 @@ def main() -> None:
         lambda p: t_def(p, steps=args.steps, seed=0, width=args.size, height=args.size)
     )
     rows["turbokit fp32"] = in_process(lambda p: t32(p, steps=args.steps, seed=0, width=args.size, height=args.size))
+    quantized_name = f"turbokit {args.quantize} ({fast_name} elsewhere)"
+    if args.quantize:
+        start = time.perf_counter()
+        t_q = turbokit_pipe(None, args.quantize)
+        seconds = time.perf_counter() - start
+        print(f"built {quantized_name} in {seconds:.1f} s (copy of the weights, placement, quantization)", flush=True)
+        rows[quantized_name] = in_process(lambda p: t_q(p, steps=args.steps, seed=0, width=args.size, height=args.size))
 
     digits = 4 if args.tiny else 2
     calls: dict[str, list[Call]] = {name: [] for name in rows}
@@ -258,6 +274,16 @@ def main() -> None:
     if openvino:
         vs_openvino = med[f"openvino {fast_name} (optimum-intel)"] / med[default_name]
         print(f"turbokit default vs OpenVINO at {fast_name}: {vs_openvino:.2f}x faster (target >= 1.0)")
+    if args.quantize:
+        print(f"turbokit {args.quantize}: {med[quantized_name]:.{digits}f} s median (target < 1.0 s at 512², 1 step)")
+        quality = min(
+            psnr(
+                t_q(prompt, steps=args.steps, seed=0, width=args.size, height=args.size).pixels,
+                t_def(prompt, steps=args.steps, seed=0, width=args.size, height=args.size).pixels,
+            )
+            for prompt in ("a photograph of an astronaut riding a horse", "a red circle on a blue background")
+        )
+        print(f"turbokit {args.quantize} vs turbokit {fast_name}, PSNR {quality:.1f} dB (target >= 30)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from turbokit.tiny import _text_config, save_tiny_model
 
 def _keys(path):
     with safe_open(path, "pt") as f:
-        return list(f.keys())  # noqa: SIM118 (safe_open is not iterable)
+        return list(f.keys())
 
 
 def test_saved_models_carry_the_text_model_prefix(tmp_path):

@@ -1,7 +1,16 @@
 """turbokit: run, make and check Turbo (adversarially distilled, 1–4 step) diffusion models."""
 
-from turbokit.errors import TurbokitError
-from turbokit.pipeline import GenerationResult, TurboPipeline
+import logging
+
+# diffusers imports torchao whenever it is installed (turbokit[int8]), and torchao then warns, at import, that
+# its CUDA kernels do not load on a CPU build, diffusers that some of its tensor classes are gone, and torch
+# about a deprecated registration: nothing a user can act on, printed before any turbokit output.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+del _name
+
+from turbokit.errors import TurbokitError  # noqa: E402 (after the loggers above)
+from turbokit.pipeline import GenerationResult, TurboPipeline  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["GenerationResult", "TurboPipeline", "TurbokitError", "__version__"]

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from turbokit import __version__
 from turbokit.errors import InvalidRequestError, TurbokitError
+from turbokit.models import default_model
 
-DEFAULT_MODEL = os.environ.get("TURBOKIT_MODEL", "stabilityai/sd-turbo")
+DEFAULT_MODEL = default_model()  # $TURBOKIT_MODEL, else the shapes-turbo model shipped in the package
 log = logging.getLogger("turbokit")
 
 
@@ -80,7 +81,8 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
         "-m",
         "--model",
         default=DEFAULT_MODEL,
-        help="diffusers folder, .safetensors file or hub id (default: %(default)s)",
+        help="diffusers folder, .safetensors file or hub id (default: $TURBOKIT_MODEL, else turbokit's own "
+        "shapes-turbo model, shipped in the package)",
     )
     if batch_size:
         p.add_argument(
@@ -96,6 +98,13 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
         choices=["full", "tiny"],
         default=None,
         help="full: the model's VAE; tiny: --tiny-vae, else the model folder's vae_tiny/ (default: tiny if --tiny-vae)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8: the UNet's linear layers in int8, weights and activations (CPU only; needs turbokit[int8]; "
+        "not faster than bf16 yet: docs/performance.md)",
     )
     p.add_argument(
         "--allow-pickle", action="store_true", help="load pickle checkpoints (.ckpt/.pt/.bin): only if trusted"
@@ -207,7 +216,12 @@ def _generate(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     pipe = TurboPipeline.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, tiny_vae=tiny_vae, allow_pickle=args.allow_pickle
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        tiny_vae=tiny_vae,
+        allow_pickle=args.allow_pickle,
+        quantize=args.quantize,
     )
     log.info(f"loaded {pipe.model_name} ({pipe.family_name}) on {pipe.device} in {time.perf_counter() - start:.1f} s")
     batch = args.batch_size or (1 if pipe.device.type == "cpu" else 4)
@@ -255,7 +269,12 @@ def _video(args: argparse.Namespace) -> None:
         raise InvalidRequestError("--batch-size must be at least 1")
     tiny_vae = tiny_vae_location(args.model, args.decoder, args.tiny_vae)
     pipe = TurboPipeline.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, tiny_vae=tiny_vae, allow_pickle=args.allow_pickle
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        tiny_vae=tiny_vae,
+        allow_pickle=args.allow_pickle,
+        quantize=args.quantize,
     )
     width, height = video.output_size(info, pipe.native_size, size)
     batch = args.batch_size or (1 if pipe.device.type == "cpu" else 4)

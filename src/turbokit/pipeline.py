@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from turbokit.loading import LoadedModel, load_model, load_tiny_vae, vae_config
 from turbokit.metadata import GenerationParameters
 from turbokit.precision import Precision, choose_precision, parse_device
 from turbokit.prompt_cache import PromptCache
+from turbokit.quantize import check_quantize, quantize_unet
 
 log = logging.getLogger("turbokit")
 
@@ -94,13 +96,25 @@ class TurboPipeline:
     """A Turbo (or any SD/SDXL) model ready to sample: components on one device, in one precision."""
 
     def __init__(
-        self, model: LoadedModel, device: torch.device, precision: Precision, tiny_vae: AutoencoderTiny | None = None
+        self,
+        model: LoadedModel,
+        device: torch.device,
+        precision: Precision,
+        tiny_vae: AutoencoderTiny | None = None,
+        quantize: str | None = None,
     ) -> None:
         c = model.components
         self.model_name = model.name
         self.family_name = model.family
         self.device, self.precision = device, precision
+        check_quantize(quantize, device)
+        self.quantize = quantize
         self.unet = _place(c["unet"], device, precision.compute, conv=True)
+        if quantize is not None:
+            start = time.perf_counter()
+            layers = quantize_unet(self.unet)
+            seconds = time.perf_counter() - start
+            log.info(f"{quantize}: quantized {len(layers)} linear layers of the UNet in {seconds:.1f} s")
         self.vae: AutoencoderKL = _place(c["vae"], device, precision.vae, conv=True)
         self.tiny_vae = None if tiny_vae is None else _place(tiny_vae, device, precision.vae, conv=True)
         self.text_encoders = [
@@ -127,17 +141,20 @@ class TurboPipeline:
         dtype: str | None = None,
         tiny_vae: str | Path | None = None,
         allow_pickle: bool = False,
+        quantize: str | None = None,
     ) -> TurboPipeline:
         """Load a diffusers folder, a single-file checkpoint (.safetensors) or a hub id.
 
         `dtype` is "fp32", "fp16", "bf16" or None for the device's best safe choice;
-        `tiny_vae` is an AutoencoderTiny folder used to decode instead of the full VAE."""
+        `tiny_vae` is an AutoencoderTiny folder used to decode instead of the full VAE;
+        `quantize="int8"` runs the UNet's linear layers in int8 on the CPU (`turbokit.quantize`)."""
         device = device if isinstance(device, torch.device) else parse_device(device)
+        check_quantize(quantize, device)  # before the slow load
         force_upcast = bool(vae_config(model).get("force_upcast", True))
         precision = choose_precision(device, dtype, force_upcast)
         loaded = load_model(model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae)
         decoder = None if tiny_vae is None else load_tiny_vae(tiny_vae, precision.vae)
-        return cls(loaded, device, precision, decoder)
+        return cls(loaded, device, precision, decoder, quantize)
 
     # ------------------------------------------------------------------ sampling
 

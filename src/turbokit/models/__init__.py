@@ -11,8 +11,12 @@ import os
 from pathlib import Path
 
 SHAPES_TURBO = Path(__file__).parent / "shapes-turbo"
+SHAPES_EVALUATOR = Path(__file__).parent / "shapes-evaluator"  # the study's judge, for `turbokit eval`
 
 
 def default_model() -> str:
-    """$TURBOKIT_MODEL if set, else the shipped shapes-turbo folder."""
-    return os.environ.get("TURBOKIT_MODEL") or str(SHAPES_TURBO)
+    """$TURBOKIT_MODEL if set, else the shipped shapes-turbo folder (else, in a build without it,
+    SD-Turbo from the hub)."""
+    if os.environ.get("TURBOKIT_MODEL"):
+        return os.environ["TURBOKIT_MODEL"]
+    return str(SHAPES_TURBO) if (SHAPES_TURBO / "model_index.json").is_file() else "stabilityai/sd-turbo"

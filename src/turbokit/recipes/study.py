@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from turbokit.errors import TurbokitError
+from turbokit.models import SHAPES_EVALUATOR
 from turbokit.recipes.evaluator import (
     ShapesEvaluator,
     alignment,
@@ -69,7 +70,11 @@ def evaluate_model(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the model to evaluate (a diffusers folder or .safetensors file)")
-    parser.add_argument("--evaluator", required=True, help="folder of a trained shapes evaluator")
+    parser.add_argument(
+        "--evaluator",
+        default=str(SHAPES_EVALUATOR),
+        help="folder of a trained shapes evaluator (default: the one shipped with turbokit)",
+    )
     parser.add_argument("--steps", default="1", help="comma-separated step counts, one row each (default: 1)")
     parser.add_argument("--guidance", type=float, default=0.0, help="CFG scale (default: 0, as Turbo models run)")
     parser.add_argument("--images", type=int, default=2000, help="test captions, one image each (default: 2000)")

@@ -78,7 +78,12 @@ def serve(args: argparse.Namespace) -> None:
         log.warning(f"listening on {args.host} without --api-key: anyone who can reach this port can use the model")
     tiny_vae = tiny_vae_location(args.model, args.decoder, args.tiny_vae)
     pipe = TurboPipeline.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, tiny_vae=tiny_vae, allow_pickle=args.allow_pickle
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        tiny_vae=tiny_vae,
+        allow_pickle=args.allow_pickle,
+        quantize=args.quantize,
     )
     settings = Settings(
         api_key=args.api_key or None,
