@@ -112,6 +112,21 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages, only errors")
 
 
+def load_pipeline(args: argparse.Namespace):
+    """The pipeline that `_add_model_options`' flags describe (model, device, dtype, decoder, int8)."""
+    from turbokit.loading import tiny_vae_location
+    from turbokit.pipeline import TurboPipeline
+
+    return TurboPipeline.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        tiny_vae=tiny_vae_location(args.model, args.decoder, args.tiny_vae),
+        allow_pickle=args.allow_pickle,
+        quantize=args.quantize,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turbokit", description="Run Turbo diffusion models in 1–4 steps.")
     parser.add_argument("--version", action="version", version=f"turbokit {__version__}")
@@ -190,9 +205,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     from turbokit import sampling
     from turbokit.images import load_image
-    from turbokit.loading import tiny_vae_location
     from turbokit.metadata import save_png
-    from turbokit.pipeline import TurboPipeline
 
     # Everything a user can get wrong is checked before the (slow) model load.
     if args.num_images < 1:
@@ -212,17 +225,8 @@ def _generate(args: argparse.Namespace) -> None:
     base_seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     seeds = [base_seed + i for i in range(args.num_images)]
     paths = output_paths(args.output, seeds)
-    tiny_vae = tiny_vae_location(args.model, args.decoder, args.tiny_vae)
-
     start = time.perf_counter()
-    pipe = TurboPipeline.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        tiny_vae=tiny_vae,
-        allow_pickle=args.allow_pickle,
-        quantize=args.quantize,
-    )
+    pipe = load_pipeline(args)
     log.info(f"loaded {pipe.model_name} ({pipe.family_name}) on {pipe.device} in {time.perf_counter() - start:.1f} s")
     batch = args.batch_size or (1 if pipe.device.type == "cpu" else 4)
     show = not args.quiet and (run_steps > 1 or len(seeds) > 1)
@@ -257,8 +261,6 @@ def _video(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from turbokit import sampling, video
-    from turbokit.loading import tiny_vae_location
-    from turbokit.pipeline import TurboPipeline
 
     source, target = Path(args.input), Path(args.output)
     info = video.probe(source)  # checked before the model loads
@@ -267,15 +269,7 @@ def _video(args: argparse.Namespace) -> None:
     size = parse_size(args.size) if args.size else None
     if args.batch_size is not None and args.batch_size < 1:
         raise InvalidRequestError("--batch-size must be at least 1")
-    tiny_vae = tiny_vae_location(args.model, args.decoder, args.tiny_vae)
-    pipe = TurboPipeline.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        tiny_vae=tiny_vae,
-        allow_pickle=args.allow_pickle,
-        quantize=args.quantize,
-    )
+    pipe = load_pipeline(args)
     width, height = video.output_size(info, pipe.native_size, size)
     batch = args.batch_size or (1 if pipe.device.type == "cpu" else 4)
     total = min(filter(None, (info.frames, args.max_frames)), default=None)

@@ -65,8 +65,6 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from turbokit.errors import InvalidRequestError
-    from turbokit.loading import tiny_vae_location
-    from turbokit.pipeline import TurboPipeline
     from turbokit.serve.app import create_app
     from turbokit.serve.schemas import MAX_BODY_BYTES
 
@@ -76,15 +74,9 @@ def serve(args: argparse.Namespace) -> None:
     loopback = args.host in LOOPBACK_HOSTS
     if not loopback and not args.api_key:
         log.warning(f"listening on {args.host} without --api-key: anyone who can reach this port can use the model")
-    tiny_vae = tiny_vae_location(args.model, args.decoder, args.tiny_vae)
-    pipe = TurboPipeline.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        tiny_vae=tiny_vae,
-        allow_pickle=args.allow_pickle,
-        quantize=args.quantize,
-    )
+    from turbokit.cli import load_pipeline
+
+    pipe = load_pipeline(args)
     settings = Settings(
         api_key=args.api_key or None,
         max_queue=args.max_queue,
