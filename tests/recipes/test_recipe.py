@@ -49,9 +49,15 @@ def test_stages_write_loadable_models(root):
 
 def test_teacher_loads_in_diffusers(root):
     from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
 
     pipe = StableDiffusionPipeline.from_pretrained(root / "teacher" / "model")
     assert pipe.unet.config.sample_size == 16 and pipe.vae.config.scaling_factor != 0.18215
+    assert all("CrossAttn" in block for block in pipe.unet.config.down_block_types)  # text at every level
+    clip_stage = CLIPTextModel.from_pretrained(root / "text" / "text_encoder")
+    tuned = dict(pipe.text_encoder.named_parameters())
+    changed = [n for n, p in clip_stage.named_parameters() if not torch.equal(p, tuned[n])]
+    assert changed  # the teacher stage fine-tunes the text encoder and ships its own
 
 
 def test_a_stage_needs_the_one_before(tmp_path):
