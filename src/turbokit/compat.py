@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 _PREFIX = "text_model."
+
+
+def save_pretrained(model: Any, path: str | Path, **kwargs: Any) -> Path:
+    """`model.save_pretrained(path)` — a diffusers pipeline or a transformers model — with the text
+    encoders' weights under the names every reader loads. Every turbokit writer saves through this."""
+    model.save_pretrained(path, **kwargs)
+    legacy_text_encoder_keys(path)
+    return Path(path)
 
 
 def legacy_text_encoder_keys(folder: str | Path) -> list[Path]:

@@ -35,9 +35,10 @@ from PIL import Image
 from turbokit.distill.data import ResumableLoader, Source, build_source, preprocess
 from turbokit.errors import InvalidRequestError, TurbokitError
 from turbokit.loading import check_model_source, load_vae, vae_config
+from turbokit.metrics import psnr, ssim
 from turbokit.pipeline import from_latent_space, to_latent_space
 from turbokit.precision import parse_device
-from turbokit.recipes.training import StageRun, set_lr, warmup_cosine
+from turbokit.recipes.training import StageRun, finished, set_lr, warmup_cosine
 
 log = logging.getLogger("turbokit")
 
@@ -45,8 +46,6 @@ TAESD_WIDTH, TAESD_DEPTH = 64, 3  # diffusers' AutoencoderTiny defaults: 64 chan
 SMALL_WIDTH, SMALL_DEPTH = 32, 1  # `--small`: 9× fewer weights, for small models and quick runs
 PYRAMID_LEVELS = 4
 MIN_RESOLUTION = 32  # SSIM's 11-pixel window and a 4-level pyramid need room
-SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
-SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004's constants, for images in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -145,34 +144,6 @@ def decoder_loss(tiny: AutoencoderTiny, pixels: torch.Tensor, latents: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of (N, C, H, W) images in [0, 1] (100 dB for identical images)."""
-    mse = (x.float() - y.float()).square().mean((1, 2, 3))
-    return -10 * torch.log10(mse.clamp(min=1e-10))
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004) of (N, C, H, W) images in [0, 1]: an 11×11 Gaussian window
-    (σ = 1.5), K1 = 0.01, K2 = 0.03, over the valid positions, averaged over positions and channels."""
-    if min(x.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}")
-    x, y = x.double(), y.double()  # the variances are small differences of large means
-    offsets = torch.arange(SSIM_WINDOW, dtype=x.dtype, device=x.device) - (SSIM_WINDOW - 1) / 2
-    g = torch.exp(-offsets.square() / (2 * SSIM_SIGMA**2))
-    g = g / g.sum()
-    window = (g[:, None] * g[None, :]).expand(x.shape[1], 1, SSIM_WINDOW, SSIM_WINDOW)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, window, groups=x.shape[1])
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x.square(), blur(y * y) - mu_y.square()
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = SSIM_K1**2, SSIM_K2**2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
-    return ssim_map.mean((1, 2, 3)).float()
 
 
 def _scores(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -336,7 +307,7 @@ def train_decoder(
         )
     target = parse_device(device)
     autocast = dtype == "bf16" or (dtype == "auto" and target.type == "cuda")
-    if (output / "training" / "done.json").is_file() and (output / "report.json").is_file():
+    if finished(output / "training") and (output / "report.json").is_file():
         log.info(f"{output} already holds this finished run (delete it to train again)")
         return json.loads((output / "report.json").read_text(encoding="utf-8"))
 

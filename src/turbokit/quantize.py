@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from turbokit import metrics
 from turbokit.errors import TurbokitError
 
 if TYPE_CHECKING:
@@ -87,12 +88,10 @@ def int8_linears(module: torch.nn.Module) -> list[str]:
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     """The worst per-image PSNR in dB of (N, 3, H, W) `images` against `reference`, both in [0, 1], compared
     as the 8-bit images a user gets (100 dB when identical)."""
-    from turbokit.decoder_distill import psnr as float_psnr  # not at the top: it imports the pipeline
-
     def to_8bit(x: torch.Tensor) -> torch.Tensor:
         return (x.detach().float().clamp(0, 1) * 255).round() / 255
 
-    return float_psnr(to_8bit(images), to_8bit(reference)).min().item()
+    return metrics.psnr(to_8bit(images), to_8bit(reference)).min().item()
 
 
 def quality_check(

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from turbokit.compat import legacy_text_encoder_keys
+from turbokit.compat import save_pretrained
 from turbokit.configs import turbo_config_dir
 from turbokit.tokenizer import PAD_OPENAI, PAD_OPENCLIP, clip_tokenizer
 
@@ -129,8 +129,7 @@ def save_tiny_model(path: str | Path, family: str = "sd2", seed: int = 0) -> Pat
             **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     path = Path(path)
-    pipe.save_pretrained(path)
-    legacy_text_encoder_keys(path)
+    save_pretrained(pipe, path)
     return path
 
 

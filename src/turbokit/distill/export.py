@@ -12,7 +12,7 @@ import torch
 from diffusers.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from torch import nn
 
-from turbokit.compat import legacy_text_encoder_keys
+from turbokit.compat import save_pretrained
 from turbokit.distill.config import DistillConfig
 from turbokit.loading import LoadedModel
 
@@ -48,8 +48,7 @@ def export_student(path: Path, teacher: LoadedModel, student: nn.Module, cfg: Di
         pipe = StableDiffusionPipeline(
             **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
-    pipe.save_pretrained(path, safe_serialization=True)
-    legacy_text_encoder_keys(path)
+    save_pretrained(pipe, path, safe_serialization=True)
     if cfg.export_single_file:
         from turbokit.single_file import save_single_file
 

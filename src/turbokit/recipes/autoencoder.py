@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from turbokit.recipes.training import StageRun, set_lr, shapes_batch, step_generator, warmup_cosine
+from turbokit import metrics
+from turbokit.recipes.training import StageRun, finished, set_lr, shapes_batch, step_generator, warmup_cosine
 
 OBJECT_WEIGHT = 10.0
 KL_WEIGHT = 1e-7  # on the per-image KL sum: keeps latents near unit scale, costs no detail
@@ -60,8 +60,7 @@ def vae_loss(
 def psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
     """PSNR (dB, images in [0, 1]) of the mean-latent reconstruction."""
     reconstruction = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
-    mse = F.mse_loss((reconstruction + 1) / 2, (pixels + 1) / 2, reduction="none").mean((1, 2, 3))
-    return float((-10 * torch.log10(mse.clamp(min=1e-10))).mean())
+    return float(metrics.psnr((reconstruction + 1) / 2, (pixels + 1) / 2).mean())
 
 
 def train_vae(
@@ -74,7 +73,7 @@ def train_vae(
 ) -> AutoencoderKL:
     """Train (or resume, or load a finished) VAE in `folder`; the finished model is `folder/vae` (diffusers)."""
     folder = Path(folder)
-    if (folder / "done.json").is_file():
+    if finished(folder):
         return AutoencoderKL.from_pretrained(folder / "vae")
     torch.manual_seed(seed)
     vae = build_vae()

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Config, Dinov2Model
 
-from turbokit.compat import legacy_text_encoder_keys
+from turbokit.compat import save_pretrained
 from turbokit.distill.feature_networks import IMAGENET_MEAN, IMAGENET_STD
-from turbokit.recipes.training import StageRun, set_lr, shapes_batch, warmup_cosine
+from turbokit.recipes.training import StageRun, finished, set_lr, shapes_batch, warmup_cosine
 from turbokit.tokenizer import PAD_OPENCLIP, clip_tokenizer
 
 TEXT_WIDTH = 64
@@ -108,7 +108,7 @@ def train_clip(
     folder = Path(folder)
     torch.manual_seed(seed)
     model = ShapesCLIP()
-    if (folder / "done.json").is_file():
+    if finished(folder):
         model.text = CLIPTextModel.from_pretrained(folder / "text_encoder")
         model.vision = Dinov2Model.from_pretrained(folder / "dino")
         return model.eval()
@@ -134,8 +134,7 @@ def train_clip(
     pixels, captions = shapes_batch("test", 0, batch_size, seed=seed)
     with torch.no_grad():
         _, test_accuracy = model.loss(pixels, tokenize(tokenizer, captions))
-    model.text.save_pretrained(folder / "text_encoder")
-    legacy_text_encoder_keys(folder / "text_encoder")
+    save_pretrained(model.text, folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     model.vision.save_pretrained(folder / "dino")
     run.finish({"steps": steps, "batch_size": batch_size, f"test_retrieval_top1_of_{batch_size}": float(test_accuracy)})

@@ -17,13 +17,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from turbokit.compat import legacy_text_encoder_keys
+from turbokit.compat import save_pretrained
 from turbokit.errors import TurbokitError
+from turbokit.recipes.training import finished
 
 STAGES = ("vae", "text", "teacher", "distill", "eval")
 DEFAULT_ROOT = "build/recipe-shapes"
@@ -46,7 +47,6 @@ class Budget:
     eval_images: int = 2000
     evaluator_steps: int = 2500
     evaluator_samples: int = 20000
-    extra: dict = field(default_factory=dict)
 
     def scaled(self, scale: float) -> Budget:
         steps = {k: max(2, round(v * scale)) for k, v in vars(self).items() if k.endswith("_steps")}
@@ -66,7 +66,7 @@ def stage_text(root: Path, budget: Budget, seed: int, progress: bool) -> None:
 
 
 def _require(path: Path, stage: str) -> Path:
-    if not (path / "done.json").is_file():
+    if not finished(path):
         raise TurbokitError(f"stage {stage!r} has not finished in {path.parent}: run --stage {stage} first")
     return path
 
@@ -149,6 +149,7 @@ def stage_distill(root: Path, budget: Budget, seed: int, progress: bool, runs: l
 
 
 def stage_eval(root: Path, budget: Budget, seed: int, progress: bool) -> None:
+    from turbokit.pipeline import TurboPipeline
     from turbokit.recipes import evaluator as evaluation
     from turbokit.recipes import study
 
@@ -170,16 +171,14 @@ def stage_eval(root: Path, budget: Budget, seed: int, progress: bool) -> None:
     rows = [("teacher", root / "teacher" / "model", s, TEACHER_GUIDANCE) for s in (1, 2, 4, 25, 50)]
     rows += [("student", root / "student" / "main" / "student", s, 0.0) for s in (1, 2, 4)]
     rows += [(f"ablation {name}", root / "student" / name / "student", 1, 0.0) for name in DISTILL_RUNS]
-    from turbokit.pipeline import TurboPipeline
-
     for name, model, steps, guidance in rows:
         if (name, steps) in done or not (model / "model_index.json").is_file():
             continue
         pipe = TurboPipeline.from_pretrained(model)
-        row = {"name": name, "model": str(model), "dtype": str(pipe.precision.compute).removeprefix("torch.")}
-        row.update(
-            study.evaluate_model(pipe, scorer, steps, guidance, budget.eval_images, budget.eval_images // 4, seed=seed)
+        figures = study.evaluate_model(
+            pipe, scorer, steps, guidance, budget.eval_images, budget.eval_images // 4, seed=seed
         )
+        row = study.labelled_row(name, model, pipe, figures)
         print(json.dumps(row), file=sys.stderr, flush=True)
         with open(results, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -201,8 +200,7 @@ def stage_ship(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
     out = root / "shapes-turbo"
     shutil.rmtree(out, ignore_errors=True)
     pipe = StableDiffusionPipeline.from_pretrained(student, torch_dtype=torch.float16)
-    pipe.save_pretrained(out, safe_serialization=True)
-    legacy_text_encoder_keys(out)
+    save_pretrained(pipe, out, safe_serialization=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     if size > SHIP_LIMIT_MB:
         raise TurbokitError(f"the shipped model is {size:.1f} MB, over the {SHIP_LIMIT_MB:.0f} MB budget")

@@ -68,6 +68,11 @@ def evaluate_model(
     return row
 
 
+def labelled_row(name: str, model: str | Path, pipe: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A study row: its label, the model, the precision it ran in, then `evaluate_model`'s figures."""
+    return {"name": name, "model": str(model), "dtype": str(pipe.precision.compute).removeprefix("torch."), **metrics}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the model to evaluate (a diffusers folder or .safetensors file)")
     parser.add_argument(
@@ -102,15 +107,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     rows = []
     for n in steps:
-        row = {
-            "name": args.name or Path(args.model).name,
-            "model": str(args.model),
-            "dtype": str(pipe.precision.compute).removeprefix("torch."),
-        }
-        row.update(
+        row = labelled_row(
+            args.name or Path(args.model).name,
+            args.model,
+            pipe,
             evaluate_model(
                 pipe, evaluator, n, args.guidance, args.images, args.heldout_images, args.batch_size, args.seed
-            )
+            ),
         )
         rows.append(row)
         print(json.dumps(row), flush=True)

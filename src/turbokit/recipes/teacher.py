@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from turbokit.compat import legacy_text_encoder_keys
+from turbokit.compat import save_pretrained
 from turbokit.configs import turbo_config_dir
-from turbokit.recipes.training import StageRun, shapes_batch, step_generator, update_ema, warmup_cosine
+from turbokit.recipes.training import StageRun, finished, shapes_batch, step_generator, update_ema, warmup_cosine
 
 CAPTION_DROPOUT = 0.1
 TEXT_LR_RATIO = 0.2  # the text encoder's learning rate relative to the UNet's
@@ -95,7 +95,7 @@ def train_teacher(
 ) -> Path:
     """Train (or resume) the teacher in `folder`; writes and returns the diffusers folder `folder/model`."""
     folder = Path(folder)
-    if (folder / "done.json").is_file():
+    if finished(folder):
         return folder / "model"
     torch.manual_seed(seed)
     unet = build_unet(
@@ -163,6 +163,5 @@ def save_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(path)
-    legacy_text_encoder_keys(path)
+    save_pretrained(pipe, path)
     return path

@@ -14,7 +14,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from turbokit.images import pil_to_tensor
 from turbokit.recipes.shapes import example, render
 
 SAVE_EVERY_S = 120.0  # a session that ends without warning loses at most this much of a stage
@@ -36,13 +37,8 @@ def shapes_batch(
     split: str, step: int, batch_size: int, size: int = 64, seed: int = 0
 ) -> tuple[torch.Tensor, list[str]]:
     """Batch `step` of an endless stream of never-repeated `shapes` scenes: (B, 3, size, size) in [-1, 1], captions."""
-    images, captions = [], []
-    for index in range(step * batch_size, (step + 1) * batch_size):
-        scene, text = example(split, index, seed)
-        images.append(np.asarray(render(scene, size)))
-        captions.append(text)
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return pixels.contiguous(), captions
+    scenes = [example(split, index, seed) for index in range(step * batch_size, (step + 1) * batch_size)]
+    return pil_to_tensor([render(scene, size) for scene, _ in scenes]), [text for _, text in scenes]
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -51,6 +47,11 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def finished(folder: str | Path) -> bool:
+    """Whether the run in `folder` finished (`StageRun.finish` wrote its summary)."""
+    return (Path(folder) / "done.json").is_file()
 
 
 class StageRun:
@@ -83,7 +84,7 @@ class StageRun:
 
     @property
     def done(self) -> bool:
-        return (self.folder / "done.json").is_file()
+        return finished(self.folder)
 
     def resume(self) -> int:
         """Load the saved state if there is one; the step to continue from."""
@@ -148,10 +149,9 @@ class StageRun:
             self.history.append({"step": self.step, **{k: round(v, 5) for k, v in self.latest.items()}})
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base: float, multiplier: Callable[[], float] | float) -> None:
-    value = base * (multiplier() if callable(multiplier) else multiplier)
+def set_lr(optimizer: torch.optim.Optimizer, base: float, multiplier: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = value
+        group["lr"] = base * multiplier
 
 
 def _duration(seconds: float) -> str:
