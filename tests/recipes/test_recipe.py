@@ -60,6 +60,28 @@ def test_teacher_loads_in_diffusers(root):
     assert changed  # the teacher stage fine-tunes the text encoder and ships its own
 
 
+def test_teacher_noise_has_a_per_channel_offset():
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    from turbokit.recipes.teacher import noise_schedule, teacher_loss
+
+    class ZeroUNet(torch.nn.Module):  # predicts ε = 0, so the loss is the mean square of the noise itself
+        def forward(self, noisy, timesteps, states):
+            return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, sample_size=16)
+    pixels = torch.zeros(64, 3, 16, 16)
+
+    def loss(offset: float) -> float:
+        generator = torch.Generator().manual_seed(0)
+        return teacher_loss(ZeroUNet(), vae, None, pixels, generator, noise_schedule(), False, offset).item()
+
+    # white noise alone has E[ε²] = 1; an offset of 1 adds a shared N(0, 1) per sample and channel
+    assert loss(0.0) == pytest.approx(1.0, abs=0.05) and loss(1.0) == pytest.approx(2.0, abs=0.35)
+
+
 def test_a_stage_needs_the_one_before(tmp_path):
     with pytest.raises(TurbokitError, match="stage 'vae' has not finished"):
         recipe.stage_teacher(tmp_path, TINY, 0, False)
