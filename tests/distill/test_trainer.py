@@ -64,6 +64,19 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_models, 
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_a_student_exported_in_mid_run_equals_a_shorter_run(tiny_models, dino, images, tmp_path):
+    # bf16 + EMA: the export must neither change the frozen parts' compute dtype nor the EMA's weights
+    opts = dict(mixed_precision="bf16", use_ema=True, ema_decay=0.9, lr_warmup_steps=1)
+    long = tmp_path / "long"
+    train(_config(tiny_models, dino, images, long, max_train_steps=3, export_steps="2", **opts))
+    short = train(_config(tiny_models, dino, images, tmp_path / "short", max_train_steps=2, **opts))
+    straight = train(_config(tiny_models, dino, images, tmp_path / "straight", max_train_steps=3, **opts))
+    for exported, plain in ((long / "student-step-2", short), (long / "student", straight)):
+        a, b = _unet_state(exported), _unet_state(plain)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_ladd_trains_on_latents(tiny_models, images, tmp_path, family):
     cfg = DistillConfig(
@@ -124,6 +137,13 @@ def test_ladd_trains_on_latents(tiny_models, images, tmp_path, family):
                 "8",
             ],
             "--dino_resolution",
+        ),
+        (
+            [
+                *("--teacher", "TEACHER", "--data", "IMAGES", "--output_dir", "OUT", "--method", "ladd"),
+                *("--max_train_steps", "3", "--export_steps", "2,4"),
+            ],
+            "--export_steps must lie in [1, --max_train_steps]",
         ),
     ],
 )

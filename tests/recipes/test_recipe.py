@@ -96,6 +96,8 @@ def test_distill_and_eval_stages(root):
     names = {(r["name"], r["steps"]) for r in rows}
     assert ("teacher", 50) in names and ("student", 1) in names and ("ablation ladd", 1) in names
     assert ("ablation adv-only", 1) not in names  # never trained: no row, not a fake one
+    both = next(r for r in rows if r["name"] == "ablation both")  # the main run at the ablation budget
+    assert both["model"].endswith("student-step-1")
     for r in rows:
         assert 0 <= r["alignment"] <= 1 and r["fid"] >= 0 and r["images"] == 8 and r["seconds_per_image"] > 0
     recipe.stage_eval(root, TINY, 0, False)  # resumable: rows already there are not repeated

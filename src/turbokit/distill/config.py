@@ -116,6 +116,11 @@ class DistillConfig:
     validation_prompts: str = _opt(
         "a photo of a cat|a red circle on a blue background", "'|'-separated prompts for validation"
     )
+    export_steps: str = _opt(
+        "",
+        "also export the student at these steps (comma-separated) to OUTPUT/student-step-N; with a constant "
+        "learning rate it equals a run of N steps",
+    )
     export_single_file: bool = _opt(False, "also export the student as one .safetensors in Stability's layout")
     allow_pickle: bool = _opt(False, "allow pickle checkpoints for the teacher (only if trusted)")
     progress: bool = _opt(True, "show a progress bar")
@@ -123,6 +128,10 @@ class DistillConfig:
     @property
     def student_timestep_list(self) -> list[int]:
         return _ints(self.student_timesteps, "student_timesteps")
+
+    @property
+    def export_step_list(self) -> list[int]:
+        return _ints(self.export_steps, "export_steps")
 
     @property
     def guidance_range(self) -> tuple[float, float]:
@@ -184,6 +193,8 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TurbokitError(f"--{name} must be at least 1")
+        if any(not 1 <= n <= self.max_train_steps for n in self.export_step_list):
+            raise TurbokitError(f"--export_steps must lie in [1, --max_train_steps], got {self.export_steps}")
         if self.learning_rate <= 0 or self.disc_learning_rate <= 0:
             raise TurbokitError("learning rates must be positive")
         if self.resolution and self.resolution % 8:

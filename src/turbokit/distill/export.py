@@ -4,6 +4,7 @@ LoRA weights in the diffusers format when the student was trained as a LoRA."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,14 @@ def turbo_scheduler(teacher: LoadedModel) -> EulerDiscreteScheduler | EulerAnces
     return cls.from_config(config)
 
 
+def _fp32(module: nn.Module) -> nn.Module:
+    """An fp32 view of a frozen part for saving — a copy when it trains in another dtype, because an
+    export in mid-run (--export_steps) must not change what the rest of the run computes in."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).float()
+
+
 def export_student(path: Path, teacher: LoadedModel, student: nn.Module, cfg: DistillConfig) -> Path:
     """Write the student as a full diffusers model folder (LoRA merged), plus LoRA/single-file extras."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -40,7 +49,7 @@ def export_student(path: Path, teacher: LoadedModel, student: nn.Module, cfg: Di
         StableDiffusionPipeline.save_lora_weights(path / "lora", unet_lora_layers=lora, safe_serialization=True)
         unet = _merged_copy(student)
     c = {k: v for k, v in teacher.components.items() if k not in ("unet", "scheduler")}
-    c = {k: (v.float() if isinstance(v, nn.Module) else v) for k, v in c.items()}
+    c = {k: (_fp32(v) if isinstance(v, nn.Module) else v) for k, v in c.items()}
     components = {**c, "unet": unet.float(), "scheduler": turbo_scheduler(teacher)}
     if teacher.family == "sdxl":
         pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True)

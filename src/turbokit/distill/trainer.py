@@ -244,6 +244,22 @@ def train(cfg: DistillConfig) -> Path:
         desc="distill",
         unit="step",
     )
+
+    def export(folder: Path) -> None:
+        """The student as a diffusers pipeline folder, with the EMA weights when there are."""
+        if ema is not None:
+            ema.store(student_params)
+            ema.copy_to(student_params)
+        full_state = accelerator.get_state_dict(student)  # gathers FSDP / ZeRO-3 shards; every process takes part
+        if accelerator.is_main_process:
+            unet = accelerator.unwrap_model(student)
+            if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+                unet = copy.deepcopy(unet_t).float()
+                unet.load_state_dict(full_state)
+            export_student(folder, teacher, unet, cfg)
+        if ema is not None:
+            ema.restore(student_params)
+
     batches = iter(loader)
     while state.step < cfg.max_train_steps:
         for _ in range(cfg.gradient_accumulation_steps):
@@ -262,6 +278,8 @@ def train(cfg: DistillConfig) -> Path:
             bar.set_postfix(d=f"{logs['loss/discriminator']:.3f}", g=f"{logs['loss/generator']:.3f}")
         if state.step % cfg.checkpointing_steps == 0 or state.step == cfg.max_train_steps:
             save_checkpoint(accelerator, out, state.step, cfg.checkpoints_total_limit)
+        if state.step in cfg.export_step_list and state.step < cfg.max_train_steps:
+            export(out / f"student-step-{state.step}")
         sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
         if (
             cfg.validation_steps
@@ -275,18 +293,7 @@ def train(cfg: DistillConfig) -> Path:
         log.warning(report)
     accelerator.wait_for_everyone()
     final = out / "student"
-    if ema is not None:
-        ema.store(student_params)
-        ema.copy_to(student_params)
-    full_state = accelerator.get_state_dict(student)  # gathers FSDP / ZeRO-3 shards; every process takes part
-    if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(student)
-        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-            unet = copy.deepcopy(unet_t).float()
-            unet.load_state_dict(full_state)
-        export_student(final, teacher, unet, cfg)
-    if ema is not None:
-        ema.restore(student_params)
+    export(final)
     accelerator.end_training()
     # accelerate keeps its settings (mixed precision, ...) process-wide; forget them so that a later
     # train() in the same process may use others. The process group (PartialState) is kept.

@@ -92,7 +92,8 @@ def stage_teacher(root: Path, budget: Budget, seed: int, progress: bool) -> None
 
 
 # The student (`main`) and the ablations of issue 4 §4, each a set of `turbokit distill` options over
-# the main run's; every ablation gets the same step budget as the others.
+# the main run's; every ablation gets the same step budget. The ablations' baseline ("both") is the main
+# run exported at that budget (--export_steps; with a constant learning rate it equals a run that long).
 DISTILL_RUNS: dict[str, dict[str, object]] = {
     "main": {},
     "adv-only": {"distill_lambda": 0.0},
@@ -133,6 +134,8 @@ def distill_config(root: Path, name: str, budget: Budget, seed: int, progress: b
         seed=seed,
         progress=progress,
     )
+    if name == "main" and budget.ablation_steps < budget.distill_steps:
+        options["export_steps"] = str(budget.ablation_steps)
     options.update(DISTILL_RUNS[name])
     return DistillConfig(**options)
 
@@ -168,9 +171,16 @@ def stage_eval(root: Path, budget: Budget, seed: int, progress: bool) -> None:
     done = set()
     if results.is_file():
         done = {(r["name"], r["steps"]) for r in map(json.loads, results.read_text().splitlines()) if r}
-    rows = [("teacher", root / "teacher" / "model", s, TEACHER_GUIDANCE) for s in (1, 2, 4, 25, 50)]
-    rows += [("student", root / "student" / "main" / "student", s, 0.0) for s in (1, 2, 4)]
-    rows += [(f"ablation {name}", root / "student" / name / "student", 1, 0.0) for name in DISTILL_RUNS]
+    # cheapest and most wanted first (an interrupted stage resumes at the first missing row); the
+    # teacher's 25 and 50 steps cost as much as all the rest together
+    rows = [("student", root / "student" / "main" / "student", s, 0.0) for s in (1, 2, 4)]
+    rows += [("teacher", root / "teacher" / "model", s, TEACHER_GUIDANCE) for s in (1, 2, 4)]
+    baseline = f"student-step-{budget.ablation_steps}" if budget.ablation_steps < budget.distill_steps else "student"
+    rows += [("ablation both", root / "student" / "main" / baseline, 1, 0.0)]
+    rows += [
+        (f"ablation {name}", root / "student" / name / "student", 1, 0.0) for name in DISTILL_RUNS if name != "main"
+    ]
+    rows += [("teacher", root / "teacher" / "model", s, TEACHER_GUIDANCE) for s in (25, 50)]
     for name, model, steps, guidance in rows:
         if (name, steps) in done or not (model / "model_index.json").is_file():
             continue

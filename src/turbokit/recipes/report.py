@@ -64,7 +64,9 @@ def sizes_grid(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 1):
 
 
 def table(rows: Sequence[dict]) -> str:
-    """The study's table in Markdown, rows in the order they were measured."""
+    """The study's table in Markdown: the teacher, the student, then the ablations, each by steps."""
+    group = {"teacher": 0, "student": 1}
+    rows = sorted(rows, key=lambda r: (group.get(r["name"], 2), r["name"] != "ablation both", r["name"], r["steps"]))
     head = (
         "| row | steps | CFG | FID ↓ | alignment ↑ | held-out alignment ↑ | shape | colour | size | position "
         "| background | count | s/image |"
