@@ -88,6 +88,7 @@ def int8_linears(module: torch.nn.Module) -> list[str]:
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     """The worst per-image PSNR in dB of (N, 3, H, W) `images` against `reference`, both in [0, 1], compared
     as the 8-bit images a user gets (100 dB when identical)."""
+
     def to_8bit(x: torch.Tensor) -> torch.Tensor:
         return (x.detach().float().clamp(0, 1) * 255).round() / 255
 

@@ -46,8 +46,10 @@ def _png(image) -> bytes:
 
 def test_the_vocabulary_is_as_large_as_the_issue_asks() -> None:
     assert len(SHAPES) >= 6 and len(COLOURS) >= 8 and len(SIZES) == 3 and len(POSITIONS) == 9
-    assert not set(COLOURS) & set(BACKGROUNDS)
-    rgb = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=float)
+    assert {"blue", "white"} < set(BACKGROUNDS)  # the issue's "a red circle on a blue background"
+    coloured = {name for name in BACKGROUNDS if name in COLOURS}
+    assert all(BACKGROUNDS[name] == COLOURS[name] for name in coloured)
+    rgb = np.array(list(COLOURS.values()) + [v for k, v in BACKGROUNDS.items() if k not in coloured], dtype=float)
     distances = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1) + np.eye(len(rgb)) * 1e9
     assert distances.min() > 60  # every colour distinguishable from every other
     # every shape and colour remains in training: only their pairing is held out
@@ -112,6 +114,12 @@ def test_two_objects_never_overlap_and_their_relation_matches_their_places() -> 
             "above": row_a < row_b,
             "below": row_a > row_b,
         }[scene.relation]
+
+
+def test_no_object_shares_its_background_colour_and_coloured_backgrounds_occur() -> None:
+    scenes = [scene for split in ("train", "heldout") for scene, _ in _scenes(split, 500)]
+    assert all(o.colour != scene.background for scene in scenes for o in scene.objects)
+    assert {scene.background for scene in scenes} == set(BACKGROUNDS)
 
 
 def test_every_object_lies_inside_its_named_cell() -> None:

@@ -43,8 +43,10 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
     "gray": (128, 128, 128),
     "beige": (225, 210, 180),
+    **{name: COLOURS[name] for name in ("blue", "red", "green", "yellow")},
 }
-"""Background colours, none of them an object colour, so every object stands out."""
+"""Background colours: four neutral ones and four object colours ("a red circle on a blue background").
+A scene never puts an object on a background of its own colour, so every object stands out."""
 SIZES: dict[str, tuple[float, float]] = {"small": (0.05, 0.07), "medium": (0.09, 0.11), "large": (0.13, 0.15)}
 """Object radius (half its extent) as a fraction of the image side; a grid cell's half-width is 1/6."""
 POSITIONS = (
@@ -151,7 +153,9 @@ def sample_scene(rng: np.random.Generator, holdout: Holdout = "exclude") -> Scen
     if count == 2:
         true_relations = relations_between(cells[0], cells[1])
         relation = true_relations[int(rng.integers(len(true_relations)))]
-    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    used = {o.colour for o in objects}
+    backgrounds = [name for name in BACKGROUNDS if name not in used]
+    background = backgrounds[int(rng.integers(len(backgrounds)))]
     return Scene(tuple(objects), background, relation)
 
 
