@@ -160,15 +160,18 @@ def test_as_batch_reads_pil_images_and_resizes():
 
 @pytest.fixture(scope="module")
 def trained() -> ShapesEvaluator:
-    return train_evaluator(num_samples=1500, steps=250, batch_size=32, progress=False)
+    return train_evaluator(num_samples=1500, steps=400, batch_size=32, progress=False)
 
 
 def test_short_training_is_well_above_chance(trained):
     images, labels, captions = render_split("test", 300)
     predictions = predict(trained, images)
-    assert set(predictions[0]) == set(labels[0]) and set(predictions[0]["objects"][0]) == set(labels[0]["objects"][0])
+    first = next(i for i, p in enumerate(predictions) if p["objects"])
+    assert set(predictions[first]) == set(labels[first])
+    assert set(predictions[first]["objects"][0]) == set(labels[first]["objects"][0])
     accuracy = per_attribute_accuracy(predictions, labels)
-    # measured after 250 steps: background ≈ 1.0, colour ≈ 0.8, position ≈ 0.85, count ≈ 0.7; chance 1/4, 1/8, 1/9
+    # measured after 400 steps: background 1.0, colour 0.62, position 0.75, count 0.62; chance 1/8, 1/8, 1/9
+    # (with coloured backgrounds it finds the objects later: after 250 steps it saw none in 2 of 3 images)
     assert accuracy["background"] > 0.8 and accuracy["colour"] > 0.5 and accuracy["position"] > 0.6
     row = evaluate_images(trained, images, captions, extract_features(trained, render_split("test", 300, start=300)[0]))
     assert row["fid"] >= 0 and 0 <= row["alignment"] <= 1 and row["colour"] > 0.5
