@@ -80,6 +80,10 @@ def test_teacher_noise_has_a_per_channel_offset():
 
     # white noise alone has E[ε²] = 1; an offset of 1 adds a shared N(0, 1) per sample and channel
     assert loss(0.0) == pytest.approx(1.0, abs=0.05) and loss(1.0) == pytest.approx(2.0, abs=0.35)
+    # Min-SNR-γ: weights min(SNR, γ)/SNR ≤ 1, below 1 wherever SNR > γ (the low-noise steps)
+    generator = torch.Generator().manual_seed(0)
+    weighted = teacher_loss(ZeroUNet(), vae, None, pixels, generator, noise_schedule(), False, 0.0, 5.0).item()
+    assert 0.2 < weighted < loss(0.0) - 0.1
 
 
 def test_a_stage_needs_the_one_before(tmp_path):

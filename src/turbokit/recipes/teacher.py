@@ -73,7 +73,10 @@ def teacher_loss(
     schedule: DDPMScheduler,
     autocast: bool = True,
     noise_offset: float = NOISE_OFFSET,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
+    """ε-MSE at uniform t; with `snr_gamma`, Min-SNR-γ weighted (Hang et al. 2023): each sample's loss
+    × min(SNR, γ)/SNR, shrinking the low-noise steps that dominate plain ε-MSE and say little of the caption."""
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
@@ -84,7 +87,12 @@ def teacher_loss(
     noisy = schedule.add_noise(latents, noise, timesteps)
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         prediction = unet(noisy, timesteps, text_states).sample
-    return F.mse_loss(prediction.float(), noise)
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), noise)
+    alphas = schedule.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=snr_gamma) / snr
+    return (weight * F.mse_loss(prediction.float(), noise, reduction="none").mean((1, 2, 3))).mean()
 
 
 def train_teacher(
