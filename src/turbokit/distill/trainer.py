@@ -244,6 +244,8 @@ def train(cfg: DistillConfig) -> Path:
         desc="distill",
         unit="step",
     )
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    export_steps = set(cfg.export_step_list) - {cfg.max_train_steps}  # the last step's export is the final one
 
     def export(folder: Path) -> None:
         """The student as a diffusers pipeline folder, with the EMA weights when there are."""
@@ -253,7 +255,7 @@ def train(cfg: DistillConfig) -> Path:
         full_state = accelerator.get_state_dict(student)  # gathers FSDP / ZeRO-3 shards; every process takes part
         if accelerator.is_main_process:
             unet = accelerator.unwrap_model(student)
-            if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            if sharded:
                 unet = copy.deepcopy(unet_t).float()
                 unet.load_state_dict(full_state)
             export_student(folder, teacher, unet, cfg)
@@ -278,9 +280,8 @@ def train(cfg: DistillConfig) -> Path:
             bar.set_postfix(d=f"{logs['loss/discriminator']:.3f}", g=f"{logs['loss/generator']:.3f}")
         if state.step % cfg.checkpointing_steps == 0 or state.step == cfg.max_train_steps:
             save_checkpoint(accelerator, out, state.step, cfg.checkpoints_total_limit)
-        if state.step in cfg.export_step_list and state.step < cfg.max_train_steps:
+        if state.step in export_steps:
             export(out / f"student-step-{state.step}")
-        sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
         if (
             cfg.validation_steps
             and not sharded

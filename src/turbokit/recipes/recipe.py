@@ -48,6 +48,11 @@ class Budget:
     evaluator_steps: int = 2500
     evaluator_samples: int = 20000
 
+    @property
+    def baseline_step(self) -> int | None:
+        """The main run's step exported as the ablations' baseline; None when the main run is that long."""
+        return self.ablation_steps if self.ablation_steps < self.distill_steps else None
+
     def scaled(self, scale: float) -> Budget:
         steps = {k: max(2, round(v * scale)) for k, v in vars(self).items() if k.endswith("_steps")}
         return Budget(**{**vars(self), **steps})
@@ -134,8 +139,8 @@ def distill_config(root: Path, name: str, budget: Budget, seed: int, progress: b
         seed=seed,
         progress=progress,
     )
-    if name == "main" and budget.ablation_steps < budget.distill_steps:
-        options["export_steps"] = str(budget.ablation_steps)
+    if name == "main" and budget.baseline_step:
+        options["export_steps"] = str(budget.baseline_step)
     options.update(DISTILL_RUNS[name])
     return DistillConfig(**options)
 
@@ -175,7 +180,7 @@ def stage_eval(root: Path, budget: Budget, seed: int, progress: bool) -> None:
     # teacher's 25 and 50 steps cost as much as all the rest together
     rows = [("student", root / "student" / "main" / "student", s, 0.0) for s in (1, 2, 4)]
     rows += [("teacher", root / "teacher" / "model", s, TEACHER_GUIDANCE) for s in (1, 2, 4)]
-    baseline = f"student-step-{budget.ablation_steps}" if budget.ablation_steps < budget.distill_steps else "student"
+    baseline = f"student-step-{budget.baseline_step}" if budget.baseline_step else "student"
     rows += [("ablation both", root / "student" / "main" / baseline, 1, 0.0)]
     rows += [
         (f"ablation {name}", root / "student" / name / "student", 1, 0.0) for name in DISTILL_RUNS if name != "main"

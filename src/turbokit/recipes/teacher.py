@@ -20,7 +20,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from turbokit.compat import save_pretrained
 from turbokit.configs import turbo_config_dir
-from turbokit.recipes.training import StageRun, finished, shapes_batch, step_generator, update_ema, warmup_cosine
+from turbokit.recipes.training import (
+    StageRun,
+    finished,
+    set_lr,
+    shapes_batch,
+    step_generator,
+    update_ema,
+    warmup_cosine,
+)
 
 CAPTION_DROPOUT = 0.1
 TEXT_LR_RATIO = 0.2  # the text encoder's learning rate relative to the UNet's
@@ -137,11 +145,7 @@ def train_teacher(
     schedule = noise_schedule()
     unet.train()
     for step in run.steps(progress=progress):
-        multiplier = warmup_cosine(step, steps, 200)
-        optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"] = (
-            lr * multiplier,
-            lr * TEXT_LR_RATIO * multiplier,
-        )
+        set_lr(optimizer, (lr, lr * TEXT_LR_RATIO), warmup_cosine(step, steps, 200))
         generator = step_generator(seed, step)
         pixels, captions = shapes_batch("train", step, batch_size, seed=seed + 2)
         drop = torch.rand(len(captions), generator=generator) < CAPTION_DROPOUT

@@ -14,7 +14,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -149,9 +149,11 @@ class StageRun:
             self.history.append({"step": self.step, **{k: round(v, 5) for k, v in self.latest.items()}})
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base: float, multiplier: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = base * multiplier
+def set_lr(optimizer: torch.optim.Optimizer, base: float | Sequence[float], multiplier: float) -> None:
+    """Every group's learning rate to its base × `multiplier`; `base` is one rate for all groups or one per group."""
+    bases = [base] * len(optimizer.param_groups) if isinstance(base, float | int) else list(base)
+    for group, rate in zip(optimizer.param_groups, bases, strict=True):
+        group["lr"] = rate * multiplier
 
 
 def _duration(seconds: float) -> str:
