@@ -58,7 +58,7 @@ class DistillConfig:
     # --- the method (ADD paper values where it gives them)
     student_timesteps: str = _opt("999,749,499,249", "student timesteps τ_1..τ_N (paper: N = 4, trailing spacing)")
     zero_terminal_snr: bool = _opt(
-        True, "rescale betas to zero terminal SNR (Lin et al.), recorded in the exported scheduler"
+        True, "zero terminal SNR: the student's input at s = 999 is pure noise, as at inference (betas kept)"
     )
     distill_weighting: str = _opt(
         "exponential", "c(t) of the distillation loss: exponential (α_t) | sds | nfsd", choices=WEIGHTINGS
