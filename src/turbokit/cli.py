@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from turbokit import __version__
+from turbokit.compile import COMPILE_MODES
 from turbokit.errors import InvalidRequestError, TurbokitError
 from turbokit.models import default_model
 
@@ -107,6 +108,16 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
         "not faster than bf16 yet: docs/performance.md)",
     )
     p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        default=None,
+        help="compile the UNet, decoder and text encoder with torch.compile (the first image of each size "
+        "pays the compilation; kernels are cached in ~/.cache/turbokit for the next launch); "
+        "a bare --compile means default",
+    )
+    p.add_argument(
         "--allow-pickle", action="store_true", help="load pickle checkpoints (.ckpt/.pt/.bin): only if trusted"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages, only errors")
@@ -124,6 +135,7 @@ def load_pipeline(args: argparse.Namespace):
         tiny_vae=tiny_vae_location(args.model, args.decoder, args.tiny_vae),
         allow_pickle=args.allow_pickle,
         quantize=args.quantize,
+        compile=args.compile,
     )
 
 

@@ -23,6 +23,7 @@ from diffusers.schedulers import EulerDiscreteScheduler
 from PIL import Image
 
 from turbokit import sampling
+from turbokit.compile import check_compile, compile_module
 from turbokit.errors import InvalidRequestError
 from turbokit.families import Conditioning, Family, build_family
 from turbokit.images import fit_size, pil_to_tensor, resize, tensor_to_pil
@@ -102,6 +103,7 @@ class TurboPipeline:
         precision: Precision,
         tiny_vae: AutoencoderTiny | None = None,
         quantize: str | None = None,
+        compile: str | None = None,
     ) -> None:
         c = model.components
         self.model_name = model.name
@@ -120,6 +122,14 @@ class TurboPipeline:
         self.text_encoders = [
             _place(c[k], device, precision.compute) for k in ("text_encoder", "text_encoder_2") if k in c
         ]
+        self.compile_mode = compile
+        if compile is not None:
+            check_compile(compile)
+            # compiled lazily, at the first call of each (and again per new shape); kernels cached on disk
+            for module in (self.unet, self.vae.decoder, *(e for e in self.text_encoders)):
+                compile_module(module, device, compile)
+            if self.tiny_vae is not None:
+                compile_module(self.tiny_vae.decoder, device, compile)
         self.scheduler = c["scheduler"]
         zeros = bool(model.extra.get("force_zeros_for_empty_prompt", True))
         self.family: Family = build_family(model.family, c, zeros)  # c's encoders are the placed ones
@@ -142,19 +152,23 @@ class TurboPipeline:
         tiny_vae: str | Path | None = None,
         allow_pickle: bool = False,
         quantize: str | None = None,
+        compile: str | None = None,
     ) -> TurboPipeline:
         """Load a diffusers folder, a single-file checkpoint (.safetensors) or a hub id.
 
         `dtype` is "fp32", "fp16", "bf16" or None for the device's best safe choice;
         `tiny_vae` is an AutoencoderTiny folder used to decode instead of the full VAE;
-        `quantize="int8"` runs the UNet's linear layers in int8 on the CPU (`turbokit.quantize`)."""
+        `quantize="int8"` runs the UNet's linear layers in int8 on the CPU (`turbokit.quantize`);
+        `compile` ("default", "max-autotune", "reduce-overhead") compiles the UNet, decoder and text
+        encoders with torch.compile, its caches on disk (`turbokit.compile`)."""
         device = device if isinstance(device, torch.device) else parse_device(device)
         check_quantize(quantize, device)  # before the slow load
+        check_compile(compile)
         force_upcast = bool(vae_config(model).get("force_upcast", True))
         precision = choose_precision(device, dtype, force_upcast)
         loaded = load_model(model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae)
         decoder = None if tiny_vae is None else load_tiny_vae(tiny_vae, precision.vae)
-        return cls(loaded, device, precision, decoder, quantize)
+        return cls(loaded, device, precision, decoder, quantize, compile)
 
     # ------------------------------------------------------------------ sampling
 

@@ -1,0 +1,65 @@
+"""Compiled paths (issue 6 §1): the UNet and the decoder through `torch.compile`, with its caches on disk.
+
+The diffusers model classes stay the source of truth: inductor compiles their forward at static shapes
+(a new size or batch compiles again, and is cached too). On the CPU inductor's `freezing` folds the
+weights into the graph as constants, which lets oneDNN pre-pack them for its convolution and matmul
+kernels — the point of compiling there; it needs inference with no autograd, which is all the
+pipeline does. Inductor keeps its compiled kernels and graphs in a cache directory (FX-graph and
+AOTAutograd caches, on by default); torch puts it under /tmp, where a reboot or a tmp cleaner loses it,
+so turbokit points it at `~/.cache/turbokit/inductor` ($TURBOKIT_CACHE overrides the root,
+$TORCHINDUCTOR_CACHE_DIR wins over both): a second launch skips inductor's code generation and C++
+builds (Dynamo still traces the model, in seconds).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from turbokit.errors import TurbokitError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads COMPILE_MODES before any model work
+    import torch
+
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
+
+
+def cache_root() -> Path:
+    """Where turbokit keeps what it can rebuild: $TURBOKIT_CACHE, else ~/.cache/turbokit."""
+    return Path(os.environ.get("TURBOKIT_CACHE") or Path.home() / ".cache" / "turbokit")
+
+
+def use_disk_cache() -> Path:
+    """Point inductor's cache at turbokit's (unless the user chose one) and return it."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its /tmp default into the variable the first time it looks, so that value is not a choice
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+    path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_compile(mode: str | None) -> None:
+    if mode is not None and mode not in COMPILE_MODES:
+        raise TurbokitError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+
+
+def compile_module(module: torch.nn.Module, device: torch.device, mode: str = "default") -> torch.nn.Module:
+    """Compile `module` in place (it keeps its class, config and weights) with inductor at static shapes;
+    on the CPU with frozen weights (see the module doc). Compilation happens at the first call.
+
+    `reduce-overhead` (CUDA graphs) only helps on CUDA; on other devices it falls back to `default`."""
+    check_compile(mode)
+    use_disk_cache()
+    if device.type == "cpu":
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True  # read when a graph compiles; only inference (no_grad) graphs are frozen
+    if mode == "reduce-overhead" and device.type != "cuda":
+        mode = "default"
+    module.compile(mode=mode, dynamic=False)
+    return module
