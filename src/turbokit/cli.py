@@ -114,7 +114,7 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
         choices=COMPILE_MODES,
         default=None,
         help="compile the UNet, decoder and text encoder with torch.compile (the first image of each size "
-        "pays the compilation; kernels are cached in ~/.cache/turbokit for the next launch); "
+        "pays the compilation, again at each launch; kernels are kept in ~/.cache/turbokit); "
         "a bare --compile means default",
     )
     p.add_argument(

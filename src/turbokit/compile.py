@@ -1,14 +1,16 @@
-"""Compiled paths (issue 6 §1): the UNet and the decoder through `torch.compile`, with its caches on disk.
+"""Compiled paths (issue 6 §1): the UNet, decoder and text encoders through `torch.compile`, cache on disk.
 
 The diffusers model classes stay the source of truth: inductor compiles their forward at static shapes
-(a new size or batch compiles again, and is cached too). On the CPU inductor's `freezing` folds the
-weights into the graph as constants, which lets oneDNN pre-pack them for its convolution and matmul
-kernels — the point of compiling there; it needs inference with no autograd, which is all the
-pipeline does. Inductor keeps its compiled kernels and graphs in a cache directory (FX-graph and
-AOTAutograd caches, on by default); torch puts it under /tmp, where a reboot or a tmp cleaner loses it,
-so turbokit points it at `~/.cache/turbokit/inductor` ($TURBOKIT_CACHE overrides the root,
-$TORCHINDUCTOR_CACHE_DIR wins over both): a second launch skips inductor's code generation and C++
-builds (Dynamo still traces the model, in seconds).
+(a new size or batch compiles again). On the CPU inductor's `freezing` folds the weights into the graph
+as constants, which lets oneDNN pre-pack them for its convolution and matmul kernels — the point of
+compiling there; it needs inference with no autograd, which is all the pipeline does. (Set in
+inductor's process-wide config: passed per module through `torch.compile(options=...)` the frozen
+graphs hit the FX-graph cache instead — a sign the oneDNN pre-packing no longer happens; to measure at
+full size before choosing.) Inductor's cache goes to `~/.cache/turbokit/inductor` ($TURBOKIT_CACHE overrides the root,
+$TORCHINDUCTOR_CACHE_DIR wins over both) instead of torch's /tmp default. With freezing, inductor skips
+its FX-graph cache (pre-packed oneDNN weights cannot be pickled), so a second launch still traces and
+lowers the models again and only reuses compiled kernels: docs/performance.md has the figures and the
+AOTInductor route to a real warm start.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ def compile_module(module: torch.nn.Module, device: torch.device, mode: str = "d
 
     `reduce-overhead` (CUDA graphs) only helps on CUDA; on other devices it falls back to `default`."""
     check_compile(mode)
-    use_disk_cache()
     if device.type == "cpu":
         import torch._inductor.config as inductor
 

@@ -23,7 +23,7 @@ from diffusers.schedulers import EulerDiscreteScheduler
 from PIL import Image
 
 from turbokit import sampling
-from turbokit.compile import check_compile, compile_module
+from turbokit.compile import check_compile, compile_module, use_disk_cache
 from turbokit.errors import InvalidRequestError
 from turbokit.families import Conditioning, Family, build_family
 from turbokit.images import fit_size, pil_to_tensor, resize, tensor_to_pil
@@ -124,12 +124,11 @@ class TurboPipeline:
         ]
         self.compile_mode = compile
         if compile is not None:
-            check_compile(compile)
-            # compiled lazily, at the first call of each (and again per new shape); kernels cached on disk
-            for module in (self.unet, self.vae.decoder, *(e for e in self.text_encoders)):
+            use_disk_cache()
+            # compiled lazily, at the first call of each (and again per new shape)
+            decoders = [self.vae.decoder] + ([self.tiny_vae.decoder] if self.tiny_vae is not None else [])
+            for module in (self.unet, *decoders, *self.text_encoders):
                 compile_module(module, device, compile)
-            if self.tiny_vae is not None:
-                compile_module(self.tiny_vae.decoder, device, compile)
         self.scheduler = c["scheduler"]
         zeros = bool(model.extra.get("force_zeros_for_empty_prompt", True))
         self.family: Family = build_family(model.family, c, zeros)  # c's encoders are the placed ones
