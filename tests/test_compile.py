@@ -40,3 +40,32 @@ def test_unknown_compile_mode_is_one_clear_error(tiny_models, capsys):
     assert exit_.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
     with pytest.raises(TurbokitError, match="unknown compile mode"):
         TurboPipeline.from_pretrained(tiny_models["sd2"], compile="fastest")
+
+
+def test_aot_packages_are_built_once_and_reloaded(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    kwargs = dict(steps=1, seed=[0])
+    reference = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16")(["a red circle"], **kwargs).pixels
+    first = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16", compile="aot")(["a red circle"], **kwargs)
+    packages = sorted((tmp_path / "cache" / "aot").rglob("*.pt2"))
+    assert [p.parent.name.split("-")[0] for p in packages] == ["unet", "vae"]  # one per module and shape
+    assert (first.pixels - reference).abs().max() < 4 / 255
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("a warm start must not export or compile again")
+
+    monkeypatch.setattr(torch.export, "export", no_export)  # a new pipeline, as in a second launch
+    again = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16", compile="aot")(["a red circle"], **kwargs)
+    assert torch.equal(again.pixels, first.pixels)
+    assert sorted((tmp_path / "cache" / "aot").rglob("*.pt2")) == packages
+
+
+def test_aot_keys_on_the_weights(tiny_models):
+    from turbokit.aot import weights_fingerprint
+
+    unet = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="fp32").unet
+    before = weights_fingerprint(unet)
+    with torch.no_grad():
+        next(unet.parameters()).add_(1.0)  # a fine-tuned model must not load another's package
+    assert weights_fingerprint(unet) != before

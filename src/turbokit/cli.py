@@ -114,8 +114,9 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
         choices=COMPILE_MODES,
         default=None,
         help="compile the UNet, decoder and text encoder with torch.compile (the first image of each size "
-        "pays the compilation, again at each launch; kernels are kept in ~/.cache/turbokit); "
-        "a bare --compile means default",
+        "pays the compilation, again at each launch; kernels are kept in ~/.cache/turbokit); aot: UNet and "
+        "decoder compiled ahead of time once per size, later launches load them (warm start; a copy of the "
+        "weights per size on disk); a bare --compile means default",
     )
     p.add_argument(
         "--allow-pickle", action="store_true", help="load pickle checkpoints (.ckpt/.pt/.bin): only if trusted"

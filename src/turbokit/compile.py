@@ -9,8 +9,9 @@ graphs hit the FX-graph cache instead — a sign the oneDNN pre-packing no longe
 full size before choosing.) Inductor's cache goes to `~/.cache/turbokit/inductor` ($TURBOKIT_CACHE overrides the root,
 $TORCHINDUCTOR_CACHE_DIR wins over both) instead of torch's /tmp default. With freezing, inductor skips
 its FX-graph cache (pre-packed oneDNN weights cannot be pickled), so a second launch still traces and
-lowers the models again and only reuses compiled kernels: docs/performance.md has the figures and the
-AOTInductor route to a real warm start.
+lowers the models again and only reuses compiled kernels: docs/performance.md has the figures. The
+`aot` mode (`turbokit.aot`) is the real warm start: AOTInductor packages of the UNet and decoder, built
+once per shape and loaded from `~/.cache/turbokit/aot` by later launches.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from turbokit.errors import TurbokitError
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads COMPILE_MODES before any model work
     import torch
 
-COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead", "aot")
 
 
 def cache_root() -> Path:
@@ -45,9 +46,11 @@ def use_disk_cache() -> Path:
     return path
 
 
-def check_compile(mode: str | None) -> None:
+def check_compile(mode: str | None, device: torch.device | None = None) -> None:
     if mode is not None and mode not in COMPILE_MODES:
         raise TurbokitError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    if mode == "aot" and device is not None and device.type not in ("cpu", "cuda"):
+        raise TurbokitError(f"--compile aot runs on cpu or cuda, not {device.type}: use --compile default")
 
 
 def compile_module(module: torch.nn.Module, device: torch.device, mode: str = "default") -> torch.nn.Module:

@@ -23,7 +23,8 @@ from diffusers.schedulers import EulerDiscreteScheduler
 from PIL import Image
 
 from turbokit import sampling
-from turbokit.compile import check_compile, compile_module, use_disk_cache
+from turbokit.aot import compile_ahead
+from turbokit.compile import cache_root, check_compile, compile_module, use_disk_cache
 from turbokit.errors import InvalidRequestError
 from turbokit.families import Conditioning, Family, build_family
 from turbokit.images import fit_size, pil_to_tensor, resize, tensor_to_pil
@@ -123,12 +124,19 @@ class TurboPipeline:
             _place(c[k], device, precision.compute) for k in ("text_encoder", "text_encoder_2") if k in c
         ]
         self.compile_mode = compile
+        check_compile(compile, device)
         if compile is not None:
             use_disk_cache()
             # compiled lazily, at the first call of each (and again per new shape)
-            decoders = [self.vae.decoder] + ([self.tiny_vae.decoder] if self.tiny_vae is not None else [])
-            for module in (self.unet, *decoders, *self.text_encoders):
-                compile_module(module, device, compile)
+            decoders = {"vae-decoder": self.vae.decoder}
+            if self.tiny_vae is not None:
+                decoders["tiny-decoder"] = self.tiny_vae.decoder
+            if compile == "aot":  # the text encoders stay eager: prompts are cached, they cost little
+                for name, module in {"unet": self.unet, **decoders}.items():
+                    compile_ahead(module, cache_root() / "aot", name)
+            else:
+                for module in (self.unet, *decoders.values(), *self.text_encoders):
+                    compile_module(module, device, compile)
         self.scheduler = c["scheduler"]
         zeros = bool(model.extra.get("force_zeros_for_empty_prompt", True))
         self.family: Family = build_family(model.family, c, zeros)  # c's encoders are the placed ones
@@ -159,10 +167,11 @@ class TurboPipeline:
         `tiny_vae` is an AutoencoderTiny folder used to decode instead of the full VAE;
         `quantize="int8"` runs the UNet's linear layers in int8 on the CPU (`turbokit.quantize`);
         `compile` ("default", "max-autotune", "reduce-overhead") compiles the UNet, decoder and text
-        encoders with torch.compile, its caches on disk (`turbokit.compile`)."""
+        encoders with torch.compile, its caches on disk (`turbokit.compile`); "aot" runs the UNet and
+        decoder as AOTInductor packages built once per shape and reloaded by later launches (`turbokit.aot`)."""
         device = device if isinstance(device, torch.device) else parse_device(device)
         check_quantize(quantize, device)  # before the slow load
-        check_compile(compile)
+        check_compile(compile, device)
         force_upcast = bool(vae_config(model).get("force_upcast", True))
         precision = choose_precision(device, dtype, force_upcast)
         loaded = load_model(model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae)
