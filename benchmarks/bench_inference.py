@@ -21,6 +21,7 @@ seed; with random weights it measures numerical drift, not the quality of a trai
     python benchmarks/bench_inference.py [--size 512] [--steps 1] [--repeats 3] [--openvino]
     python benchmarks/bench_inference.py --tiny --openvino --repeats 1     # smoke run, tiny model, seconds
     python benchmarks/bench_inference.py --tiny --quantize int8 --repeats 1
+    python benchmarks/bench_inference.py --compile aot          # adds turbokit compiled ahead of time
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from diffusers.utils import logging as diffusers_logging
 from peak_rss import PeakRSS
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from turbokit.compile import COMPILE_MODES
 from turbokit.configs import turbo_config_dir
 from turbokit.loading import LoadedModel
 from turbokit.pipeline import TurboPipeline
@@ -183,6 +185,9 @@ def main() -> None:
         "--quantize", choices=["int8"], default=None, help="add turbokit with the UNet in int8 (torchao, CPU only)"
     )
     parser.add_argument(
+        "--compile", choices=COMPILE_MODES, default=None, help="add turbokit compiled in this mode (--compile)"
+    )
+    parser.add_argument(
         "--cache-dir", type=Path, default=ROOT / "build" / "bench-inference", help="saved weights and IR for OpenVINO"
     )
     args = parser.parse_args()
@@ -207,10 +212,10 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device, dtype)
 
-    def turbokit_pipe(dtype: str | None, quantize: str | None = None) -> TurboPipeline:
+    def turbokit_pipe(dtype: str | None, quantize: str | None = None, compile: str | None = None) -> TurboPipeline:
         parts = copy.deepcopy(base)
         model = LoadedModel("sd2", parts, "sd-turbo-random")
-        return TurboPipeline(model, device, choose_precision(device, dtype), quantize=quantize)
+        return TurboPipeline(model, device, choose_precision(device, dtype), quantize=quantize, compile=compile)
 
     rows: dict[str, Callable[[str], Call]] = {}
     d32 = diffusers_pipe(torch.float32)
@@ -237,6 +242,14 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"built {quantized_name} in {seconds:.1f} s (copy of the weights, placement, quantization)", flush=True)
         rows[quantized_name] = in_process(lambda p: t_q(p, steps=args.steps, seed=0, width=args.size, height=args.size))
+
+    if args.compile:
+        compiled_name = f"turbokit --compile {args.compile} ({fast_name})"
+        t_c = turbokit_pipe(None, compile=args.compile)
+        start = time.perf_counter()  # the first call compiles (or loads the cached compilation)
+        t_c("first call", steps=args.steps, seed=0, width=args.size, height=args.size)
+        print(f"{compiled_name}: first call (compilation) {time.perf_counter() - start:.1f} s", flush=True)
+        rows[compiled_name] = in_process(lambda p: t_c(p, steps=args.steps, seed=0, width=args.size, height=args.size))
 
     digits = 4 if args.tiny else 2
     calls: dict[str, list[Call]] = {name: [] for name in rows}

@@ -56,6 +56,16 @@ def test_inference_benchmark_runs_on_a_tiny_model():
     assert "turbokit default vs diffusers default" in out
 
 
+def test_warm_start_benchmark_launches_cold_and_warm(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_warm_start.py"), "--tiny", "--modes", "eager"]
+    command += ["--images", "1", "--cache-dir", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| eager |")]
+    assert [r[2].strip() for r in rows] == ["cold", "warm"]
+    assert all(float(r[3]) > float(r[4]) > 0 for r in rows)  # a launch costs more than one image
+
+
 @pytest.fixture(scope="module")
 def openvino_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """bench_inference.py --tiny --openvino, once: its cache folder (weights and IR) and its output."""
