@@ -123,6 +123,8 @@ def test_distill_and_eval_stages(root):
     with safe_open(shipped / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
     assert TurboPipeline.from_pretrained(shipped)("a red circle", seed=0).images[0].size == (64, 64)
+    assert (shipped / "README.md").is_file()  # a model card: what it is, how it was made
+    assert (root / "shapes-evaluator" / "model.safetensors").is_file()  # the judge ships beside it
 
 
 def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
