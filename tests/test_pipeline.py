@@ -146,3 +146,10 @@ def test_bf16_runs_and_stays_close_to_fp32(tiny_models, sd):
     assert bf16.unet.dtype == torch.bfloat16
     diff = (bf16("x", seed=0).pixels - sd("x", seed=0).pixels).abs().mean()
     assert diff < 0.05
+
+
+def test_no_model_given_means_the_default_model(tiny_models, monkeypatch):
+    monkeypatch.setenv("TURBOKIT_MODEL", str(tiny_models["sd2"]))  # as the CLI's default does
+    default = TurboPipeline.from_pretrained(dtype="fp32")("a red circle", seed=3).pixels
+    named = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="fp32")("a red circle", seed=3).pixels
+    assert torch.equal(default, named)

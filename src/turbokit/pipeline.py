@@ -30,6 +30,7 @@ from turbokit.families import Conditioning, Family, build_family
 from turbokit.images import fit_size, pil_to_tensor, resize, tensor_to_pil
 from turbokit.loading import LoadedModel, load_model, load_tiny_vae, vae_config
 from turbokit.metadata import GenerationParameters
+from turbokit.models import default_model
 from turbokit.precision import Precision, choose_precision, parse_device
 from turbokit.prompt_cache import PromptCache
 from turbokit.quantize import check_quantize, quantize_unet
@@ -152,7 +153,7 @@ class TurboPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        model: str | Path,
+        model: str | Path | None = None,
         *,
         device: str | torch.device | None = None,
         dtype: str | None = None,
@@ -161,7 +162,8 @@ class TurboPipeline:
         quantize: str | None = None,
         compile: str | None = None,
     ) -> TurboPipeline:
-        """Load a diffusers folder, a single-file checkpoint (.safetensors) or a hub id.
+        """Load a diffusers folder, a single-file checkpoint (.safetensors) or a hub id; None: the default
+        model (`$TURBOKIT_MODEL`, else the shapes-turbo model shipped in the package).
 
         `dtype` is "fp32", "fp16", "bf16" or None for the device's best safe choice;
         `tiny_vae` is an AutoencoderTiny folder used to decode instead of the full VAE;
@@ -169,6 +171,7 @@ class TurboPipeline:
         `compile` ("default", "max-autotune", "reduce-overhead") compiles the UNet, decoder and text
         encoders with torch.compile, its caches on disk (`turbokit.compile`); "aot" runs the UNet and
         decoder as AOTInductor packages built once per shape and reloaded by later launches (`turbokit.aot`)."""
+        model = default_model() if model is None else model
         device = device if isinstance(device, torch.device) else parse_device(device)
         check_quantize(quantize, device)  # before the slow load
         check_compile(compile, device)
