@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from turbokit.distill.augment import parse_policy
 from turbokit.distill.losses import DEFAULT_R1_GAMMA
 from turbokit.errors import TurbokitError
 
@@ -81,6 +82,11 @@ class DistillConfig:
         "text+image",
         "discriminator projection conditioning: none | text | text+image (add)",
         choices=("none", "text", "text+image"),
+    )
+    disc_augment: str = _opt(
+        "none",
+        "add: differentiable augmentation of the discriminator's images: none | translation | cutout, comma-separated "
+        "(StyleGAN-T's DiffAugment without colour)",
     )
     ladd_noise_mean: float = _opt(1.0, "ladd: logit-normal location m of the discriminator's re-noising level")
     ladd_noise_std: float = _opt(1.0, "ladd: logit-normal scale s")
@@ -176,6 +182,12 @@ class DistillConfig:
             )
         if self.method == "ladd" and self.disc_conditioning == "text+image":
             self.disc_conditioning = "text"  # LADD conditions on text and noise level; there is no image encoder
+        try:
+            policy = parse_policy(self.disc_augment)
+        except ValueError as error:
+            raise TurbokitError(f"--disc_augment: {error}") from None
+        if policy and self.method != "add":
+            raise TurbokitError("--disc_augment applies to --method add's pixel discriminator only")
         steps = self.student_timestep_list
         if not steps or any(not 0 <= t <= 999 for t in steps):
             raise TurbokitError(f"--student_timesteps must be integers in [0, 999], got {self.student_timesteps}")
