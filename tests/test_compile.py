@@ -40,6 +40,8 @@ def test_unknown_compile_mode_is_one_clear_error(tiny_models, capsys):
     assert exit_.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
     with pytest.raises(TurbokitError, match="unknown compile mode"):
         TurboPipeline.from_pretrained(tiny_models["sd2"], compile="fastest")
+    with pytest.raises(TurbokitError, match="aot with --quantize int8 is not supported"):
+        TurboPipeline.from_pretrained(tiny_models["sd2"], compile="aot", quantize="int8")
 
 
 def test_aot_packages_are_built_once_and_reloaded(tiny_models, tmp_path, monkeypatch):

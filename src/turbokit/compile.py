@@ -46,11 +46,13 @@ def use_disk_cache() -> Path:
     return path
 
 
-def check_compile(mode: str | None, device: torch.device | None = None) -> None:
+def check_compile(mode: str | None, device: torch.device | None = None, quantize: str | None = None) -> None:
     if mode is not None and mode not in COMPILE_MODES:
         raise TurbokitError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
     if mode == "aot" and device is not None and device.type not in ("cpu", "cuda"):
         raise TurbokitError(f"--compile aot runs on cpu or cuda, not {device.type}: use --compile default")
+    if mode == "aot" and quantize is not None:  # torchao's int8 tensor subclasses are not exported here yet
+        raise TurbokitError(f"--compile aot with --quantize {quantize} is not supported yet: use one or the other")
 
 
 def compile_module(module: torch.nn.Module, device: torch.device, mode: str = "default") -> torch.nn.Module:

@@ -125,7 +125,7 @@ class TurboPipeline:
             _place(c[k], device, precision.compute) for k in ("text_encoder", "text_encoder_2") if k in c
         ]
         self.compile_mode = compile
-        check_compile(compile, device)
+        check_compile(compile, device, quantize)
         if compile is not None:
             use_disk_cache()
             # compiled lazily, at the first call of each (and again per new shape)
@@ -174,7 +174,7 @@ class TurboPipeline:
         model = default_model() if model is None else model
         device = device if isinstance(device, torch.device) else parse_device(device)
         check_quantize(quantize, device)  # before the slow load
-        check_compile(compile, device)
+        check_compile(compile, device, quantize)
         force_upcast = bool(vae_config(model).get("force_upcast", True))
         precision = choose_precision(device, dtype, force_upcast)
         loaded = load_model(model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae)
