@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,18 +43,12 @@ def child(folder: str, mode: str, size: int, steps: int, images: int) -> None:
 def launch(folder: Path, mode: str, size: int, steps: int, images: int, cache: Path) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", str(folder), "--modes", mode, "--size", str(size)]
     command += ["--steps", str(steps), "--images", str(images)]
+    # a fresh cache per mode: turbokit's root, and inductor's under it (not a directory set by the caller)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"} | {"TURBOKIT_CACHE": str(cache)}
     started = time.time()
-    out = subprocess.run(
-        command, capture_output=True, text=True, check=True, env={**_env(), "TURBOKIT_CACHE": str(cache)}
-    )
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return {"launch_to_image_s": result["first_image_at"] - started, "image_s": result["image_s"]}
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ and the values of every non-tensor argument) it loads the package from turbokit'
 (`torch.export`) and compiling it the first time. The key also holds a fingerprint of the weights, the
 module's class and config, and the torch version, so a different model or torch never loads a stale
 package. Cost: each package holds its own copy of the weights (the module's size, once per shape on
-disk and in memory), which is why the eager module is kept only for shapes not yet compiled.
+disk and in memory), on top of the eager module, which stays loaded to export new shapes.
 """
 
 from __future__ import annotations

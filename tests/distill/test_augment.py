@@ -38,3 +38,26 @@ def test_policy_parsing():
     assert parse_policy("cutout, translation") == ("cutout", "translation")
     with pytest.raises(ValueError, match="unknown augmentation colour"):
         parse_policy("colour")
+
+
+def test_the_trainer_augments_and_refuses_bad_settings(tiny_models, dino, images, tmp_path):
+    from turbokit.distill.config import DistillConfig
+    from turbokit.distill.trainer import train
+    from turbokit.errors import TurbokitError
+
+    options = dict(
+        teacher=str(tiny_models["sd2"]),
+        data=str(images),
+        output_dir=str(tmp_path / "run"),
+        dino_model=str(dino),
+        train_batch_size=2,
+        max_train_steps=1,
+        report_to="none",
+        progress=False,
+    )
+    student = train(DistillConfig(**options, disc_augment="translation,cutout"))
+    assert (student / "model_index.json").is_file()
+    with pytest.raises(TurbokitError, match="--disc_augment: unknown augmentation colour"):
+        DistillConfig(**options, disc_augment="colour").validate()
+    with pytest.raises(TurbokitError, match="--method add's pixel discriminator only"):
+        DistillConfig(**{**options, "method": "ladd"}, disc_augment="cutout").validate()

@@ -136,6 +136,13 @@ class DistillConfig:
         return _ints(self.student_timesteps, "student_timesteps")
 
     @property
+    def disc_augment_policy(self) -> tuple[str, ...]:
+        try:
+            return parse_policy(self.disc_augment)
+        except ValueError as error:
+            raise TurbokitError(f"--disc_augment: {error}") from None
+
+    @property
     def export_step_list(self) -> list[int]:
         return _ints(self.export_steps, "export_steps")
 
@@ -182,11 +189,7 @@ class DistillConfig:
             )
         if self.method == "ladd" and self.disc_conditioning == "text+image":
             self.disc_conditioning = "text"  # LADD conditions on text and noise level; there is no image encoder
-        try:
-            policy = parse_policy(self.disc_augment)
-        except ValueError as error:
-            raise TurbokitError(f"--disc_augment: {error}") from None
-        if policy and self.method != "add":
+        if self.disc_augment_policy and self.method != "add":
             raise TurbokitError("--disc_augment applies to --method add's pixel discriminator only")
         steps = self.student_timestep_list
         if not steps or any(not 0 <= t <= 999 for t in steps):

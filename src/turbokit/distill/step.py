@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from turbokit import sampling
 from turbokit.distill import losses
-from turbokit.distill.augment import augment, parse_policy
+from turbokit.distill.augment import augment
 from turbokit.distill.config import DistillConfig
 from turbokit.families import Conditioning
 
@@ -135,8 +135,7 @@ def distill_step(
     # features detached, the generator update backpropagates through them (heads change, features don't).
     real_in, real_cond = disc_inputs(b.x0, b.pixels, b)
     fake_in, fake_cond = disc_inputs(x_hat, fake_pixels, b)
-    policy = parse_policy(cfg.disc_augment)
-    if policy:  # independent draws for real and fake (DiffAugment); the conditions stay un-augmented
+    if policy := cfg.disc_augment_policy:  # independent draws for real and fake; conditions stay un-augmented
         real_in, fake_in = augment(real_in, policy, gen), augment(fake_in, policy, gen)
     fake_features = m.disc.features(fake_in, **fake_cond["features"])
 

@@ -224,6 +224,8 @@ def stage_ship(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
     student = root / "student" / "main" / "student"
     if not (student / "model_index.json").is_file():
         raise TurbokitError(f"no student in {student}: run --stage distill first")
+    if not (root / "evaluator" / "model.safetensors").is_file():
+        raise TurbokitError(f"no evaluator in {root / 'evaluator'}: run --stage eval first")
     out = root / "shapes-turbo"
     shutil.rmtree(out, ignore_errors=True)
     pipe = StableDiffusionPipeline.from_pretrained(student, torch_dtype=torch.float16)
@@ -234,8 +236,6 @@ def stage_ship(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
         raise TurbokitError(f"the shipped model is {size:.1f} MB, over the {SHIP_LIMIT_MB:.0f} MB budget")
     judge = root / "shapes-evaluator"
     shutil.rmtree(judge, ignore_errors=True)
-    if not (root / "evaluator" / "model.safetensors").is_file():
-        raise TurbokitError(f"no evaluator in {root / 'evaluator'}: run --stage eval first")
     shutil.copytree(root / "evaluator", judge)
     print(
         f"wrote {out} ({size:.1f} MB) and {judge}; to make them the package's default:\n"
