@@ -77,6 +77,11 @@ class DistillConfig:
         "1.0", "teacher CFG for the distillation target: a value or a uniform range 'lo,hi' (1 = none)"
     )
     teacher_timestep_range: str = _opt("20,980", "teacher timesteps t ~ U[lo, hi) for re-noising x̂ (paper: U[0, T))")
+    teacher_steps: int = _opt(
+        1,
+        "teacher sampler steps (DDIM, from t down to 0) that make the distillation target x̂₀ (paper: 1); more "
+        "for a teacher whose one-step x̂₀ is noisy",
+    )
     r1_gamma: float = _opt(DEFAULT_R1_GAMMA, "γ of the R1 penalty on each discriminator head's inputs")
     disc_conditioning: str = _opt(
         "text+image",
@@ -198,6 +203,13 @@ class DistillConfig:
         if not 0 <= lo < hi <= 1000:
             raise TurbokitError(
                 f"--teacher_timestep_range must be 'lo,hi' with 0 <= lo < hi <= 1000, got {self.teacher_timestep_range}"
+            )
+        if self.teacher_steps < 1:
+            raise TurbokitError(f"--teacher_steps must be at least 1, got {self.teacher_steps}")
+        if self.teacher_steps > 1 and self.distill_weighting == "nfsd":
+            raise TurbokitError(
+                "--teacher_steps > 1 makes an x̂₀ target; --distill_weighting nfsd distils the teacher's score "
+                "at t instead: use exponential or sds"
             )
         g_lo, g_hi = self.guidance_range
         if g_lo < 1 or g_hi < g_lo:

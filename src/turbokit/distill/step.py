@@ -70,15 +70,30 @@ def x0_prediction(unet: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning, k
     return sampling.x0_from_output_vp(x_t, out.float(), alpha, sigma, m.prediction_type)
 
 
-def teacher_x0(x_t: Tensor, t: Tensor, b: StepBatch, m: StepModels, guidance: Tensor) -> Tensor:
-    """The frozen teacher's x̂₀ (one step, optionally with per-sample classifier-free guidance)."""
+def guided_x0(x_t: Tensor, t: Tensor, b: StepBatch, m: StepModels, guidance: Tensor) -> Tensor:
+    """The frozen teacher's x̂₀ at t, with per-sample classifier-free guidance (1 = none)."""
+    cond_x0 = x0_prediction(m.teacher, x_t, t, b.cond, b.unet_kwargs, m)
+    if bool((guidance <= 1).all()):
+        return cond_x0
+    uncond_x0 = x0_prediction(m.teacher, x_t, t, b.uncond, b.uncond_unet_kwargs, m)
+    w = guidance.view(-1, 1, 1, 1)
+    return uncond_x0 + w * (cond_x0 - uncond_x0)  # guidance on x̂₀ equals guidance on ε at fixed x_t
+
+
+def teacher_x0(x_t: Tensor, t: Tensor, b: StepBatch, m: StepModels, guidance: Tensor, steps: int = 1) -> Tensor:
+    """The distillation target: the frozen teacher's x̂₀ of x_t — in one step as the paper does, or after
+    `steps` deterministic DDIM steps from each sample's t down to 0 (t·(steps−k)/steps, k = 0..steps−1).
+    A small teacher's one-step x̂₀ from high t carries its ε errors amplified by σ/α (speckles); a few of
+    its own steps give the clean image it would sample from there."""
     with torch.no_grad():
-        cond_x0 = x0_prediction(m.teacher, x_t, t, b.cond, b.unet_kwargs, m)
-        if bool((guidance <= 1).all()):
-            return cond_x0
-        uncond_x0 = x0_prediction(m.teacher, x_t, t, b.uncond, b.uncond_unet_kwargs, m)
-        w = guidance.view(-1, 1, 1, 1)
-        return uncond_x0 + w * (cond_x0 - uncond_x0)  # guidance on x̂₀ equals guidance on ε at fixed x_t
+        x = x_t
+        for k in range(steps - 1):
+            t_k, t_next = t * (steps - k) // steps, t * (steps - k - 1) // steps
+            x0 = guided_x0(x, t_k, b, m, guidance)
+            alpha, sigma = sampling.vp_coefficients(m.alphas_cumprod, t_k)
+            alpha_next, sigma_next = sampling.vp_coefficients(m.alphas_cumprod, t_next)
+            x = alpha_next * x0 + sigma_next * (x - alpha * x0) / sigma
+        return guided_x0(x, t // steps, b, m, guidance)
 
 
 def nfsd_target_x0(x_hat: Tensor, x_hat_t: Tensor, t: Tensor, b: StepBatch, m: StepModels) -> Tensor:
@@ -162,7 +177,7 @@ def distill_step(
         if cfg.distill_weighting == "nfsd":
             target = nfsd_target_x0(x_hat, x_hat_t, t, b, m)
         else:
-            target = teacher_x0(x_hat_t, t, b, m, guidance)
+            target = teacher_x0(x_hat_t, t, b, m, guidance, cfg.teacher_steps)
         weight = losses.distill_weighting(cfg.distill_weighting, alpha_t.flatten(), sigma_t.flatten())
         if cfg.distill_in_pixels:
             with torch.no_grad():

@@ -1,0 +1,79 @@
+"""The teacher's distillation target: one step (the paper) and several DDIM steps (`--teacher_steps`),
+against diffusers' own DDIM scheduler as the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+
+from turbokit.distill.config import DistillConfig
+from turbokit.distill.step import StepBatch, StepModels, teacher_x0
+from turbokit.errors import TurbokitError
+from turbokit.families import Conditioning
+
+
+class ToyTeacher(nn.Module):
+    """An ε-predictor that depends non-linearly on x, t and the text, so that every step matters."""
+
+    def forward(self, x, t, encoder_hidden_states, return_dict=False):
+        eps = torch.tanh(x) * (1 + t.view(-1, 1, 1, 1) / 1000) + encoder_hidden_states.mean((1, 2)).view(-1, 1, 1, 1)
+        return (eps,)
+
+
+def models_and_batch(scheduler: DDIMScheduler) -> tuple[StepModels, StepBatch]:
+    cond, uncond = Conditioning(torch.full((2, 3, 4), 0.2)), Conditioning(torch.zeros(2, 3, 4))
+    models = StepModels(
+        student=nn.Identity(),
+        teacher=ToyTeacher(),
+        vae=nn.Identity(),
+        disc=nn.Identity(),
+        alphas_cumprod=scheduler.alphas_cumprod,
+        prediction_type="epsilon",
+        scaling_factor=1.0,
+    )
+    return models, StepBatch(torch.zeros(2, 4, 8, 8), None, cond, uncond, {}, {})
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_several_teacher_steps_are_diffusers_ddim_from_t(guidance):
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    scheduler.set_timesteps(3)  # 1000 // 3 = 333 apart: from 999, the steps visit 999, 666, 333
+    models, batch = models_and_batch(scheduler)
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 999])
+
+    x = x_t
+    for step in (999, 666, 333):
+        ts = torch.tensor([step, step])
+        cond_eps = models.teacher(x, ts, batch.cond.embeds)[0]
+        uncond_eps = models.teacher(x, ts, batch.uncond.embeds)[0]
+        out = scheduler.step(uncond_eps + guidance * (cond_eps - uncond_eps), step, x, eta=0.0)
+        x = out.prev_sample
+    reference = out.pred_original_sample
+
+    ours = teacher_x0(x_t, t, batch, models, torch.full((2,), guidance), steps=3)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    one_step = teacher_x0(x_t, t, batch, models, torch.full((2,), guidance), steps=1)
+    assert (one_step - reference).abs().max() > 0.1  # the extra steps change the target
+
+
+def test_each_sample_runs_from_its_own_t():
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    models, batch = models_and_batch(scheduler)
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    guidance = torch.ones(2)
+    both = teacher_x0(x_t, torch.tensor([999, 400]), batch, models, guidance, steps=2)
+    second = StepBatch(batch.x0[1:], None, batch.cond[1:], batch.uncond[1:], {}, {})
+    alone = teacher_x0(x_t[1:], torch.tensor([400]), second, models, guidance[1:], steps=2)
+    torch.testing.assert_close(both[1:], alone)
+
+
+def test_teacher_steps_are_checked():
+    base = {"teacher": "t", "data": "d", "output_dir": "o", "method": "ladd"}
+    with pytest.raises(TurbokitError, match="at least 1"):
+        DistillConfig(**base, teacher_steps=0).validate()
+    with pytest.raises(TurbokitError, match="nfsd"):
+        DistillConfig(**base, teacher_steps=4, distill_weighting="nfsd").validate()
+    DistillConfig(**base, teacher_steps=4).validate()
