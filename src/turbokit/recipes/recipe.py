@@ -103,8 +103,8 @@ DISTILL_RUNS: dict[str, dict[str, object]] = {
     "main": {},
     "adv-only": {"distill_lambda": 0.0},
     "distill-only": {"adversarial_weight": 0.0},
-    "weighting-exponential": {"distill_weighting": "exponential"},
     "weighting-sds": {"distill_weighting": "sds"},
+    "weighting-nfsd": {"distill_weighting": "nfsd", "teacher_steps": 1},  # nfsd distils the score at t
     "ladd": {"method": "ladd"},
     "cond-none": {"disc_conditioning": "none"},
     "cond-text": {"disc_conditioning": "text"},
@@ -120,9 +120,12 @@ def distill_config(root: Path, name: str, budget: Budget, seed: int, progress: b
         data=f"shapes:train?n=1000000&size=64&seed={seed + 3}",
         output_dir=str(root / "student" / name),
         method="add",
-        # nfsd, not the paper's exponential c(t) = α_t: 200-step probes on teacher v4 gave it the best FID
-        # and colour accuracy of the three (docs/results.md); exponential is an ablation row
-        distill_weighting="nfsd",
+        # The teacher's one-step x̂₀ is speckled (its ε errors × σ/α at high t), so the target is its 4-step
+        # DDIM sample from t; and with turbokit's per-pixel-mean distance, λ = 2.5 left L_distill ~1–5% of the
+        # generator's loss. 150-step probes (docs/results.md): FID 9250 at λ 2.5, 3028 at λ 50.
+        distill_weighting="exponential",
+        teacher_steps=4,
+        distill_lambda=50.0,
         dino_model=str(_require(root / "text", "text") / "dino"),
         dino_resolution=64,
         train_batch_size=budget.distill_batch,
