@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -279,3 +280,28 @@ def test_ladd_on_synthetic_teacher_latents(tiny_models, tmp_path):
     assert cfg.distill_lambda_value == 0.0  # LADD on synthetic data: adversarial loss only
     assert (train(cfg) / "model_index.json").is_file()
     assert (tmp_path / "syn" / "synthetic-cache").is_dir()
+
+
+def test_a_v_prediction_student_of_an_epsilon_teacher_says_so_and_samples_alike_in_diffusers(
+    tiny_models, dino, images, tmp_path
+):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = _config(tiny_models, dino, images, tmp_path / "v", student_prediction_type="v_prediction", teacher_steps=2)
+    student_dir = train(cfg)
+    teacher_scheduler = json.loads((Path(tiny_models["sd2"]) / "scheduler" / "scheduler_config.json").read_text())
+    assert teacher_scheduler["prediction_type"] == "epsilon"
+    theirs = StableDiffusionPipeline.from_pretrained(student_dir, safety_checker=None)
+    assert theirs.scheduler.config.prediction_type == "v_prediction"
+    theirs.set_progress_bar_config(disable=True)
+    expected = theirs(
+        "a red square",
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+    ).images
+    ours = TurboPipeline.from_pretrained(student_dir, device="cpu", dtype="fp32")("a red square", seed=3).pixels
+    assert (expected - ours.float()).abs().max() < 2 / 255
+    with pytest.raises(Exception, match="Stability's layout"):
+        DistillConfig(**{**vars(cfg), "export_single_file": True}).validate()

@@ -13,13 +13,16 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from turbokit.distill.augment import parse_policy
 from turbokit.distill.losses import DEFAULT_R1_GAMMA
 from turbokit.errors import TurbokitError
+
+if TYPE_CHECKING:
+    from turbokit.loading import LoadedModel
 
 METHODS = ("add", "ladd")
 WEIGHTINGS = ("exponential", "sds", "nfsd")
@@ -58,6 +61,12 @@ class DistillConfig:
     resolution: int = _opt(0, "training resolution in pixels (0: the teacher's native size)")
     # --- the method (ADD paper values where it gives them)
     student_timesteps: str = _opt("999,749,499,249", "student timesteps τ_1..τ_N (paper: N = 4, trailing spacing)")
+    student_prediction_type: str = _opt(
+        "teacher",
+        "what the student's UNet predicts: teacher (the same as the teacher) | epsilon | v_prediction | sample; "
+        "the exported scheduler config says which",
+        choices=("teacher", "epsilon", "v_prediction", "sample"),
+    )
     zero_terminal_snr: bool = _opt(
         True, "zero terminal SNR: the student's input at s = 999 is pure noise, as at inference (betas kept)"
     )
@@ -167,6 +176,12 @@ class DistillConfig:
             return self.distill_lambda
         return 0.0 if (self.method == "ladd" and self.synthetic) else 2.5
 
+    def student_prediction(self, teacher: LoadedModel) -> str:
+        """What the student's UNet outputs: the teacher's parameterisation unless --student_prediction_type says."""
+        if self.student_prediction_type == "teacher":
+            return teacher.components["scheduler"].config.get("prediction_type", "epsilon")
+        return self.student_prediction_type
+
     @property
     def distill_in_pixels(self) -> bool:
         return self.distill_space == "pixel" or (self.distill_space == "auto" and self.method == "add")
@@ -203,6 +218,11 @@ class DistillConfig:
         if not 0 <= lo < hi <= 1000:
             raise TurbokitError(
                 f"--teacher_timestep_range must be 'lo,hi' with 0 <= lo < hi <= 1000, got {self.teacher_timestep_range}"
+            )
+        if self.export_single_file and self.student_prediction_type not in ("teacher", "epsilon"):
+            raise TurbokitError(
+                "--export_single_file writes Stability's layout, which cannot say that the student predicts "
+                f"{self.student_prediction_type}: export the diffusers folder only"
             )
         if self.teacher_steps < 1:
             raise TurbokitError(f"--teacher_steps must be at least 1, got {self.teacher_steps}")

@@ -18,11 +18,16 @@ from turbokit.distill.config import DistillConfig
 from turbokit.loading import LoadedModel
 
 
-def turbo_scheduler(teacher: LoadedModel) -> EulerDiscreteScheduler | EulerAncestralDiscreteScheduler:
+def turbo_scheduler(
+    teacher: LoadedModel, prediction_type: str | None = None
+) -> EulerDiscreteScheduler | EulerAncestralDiscreteScheduler:
     """The teacher's noise schedule with the Turbo sampling settings: trailing timesteps, Euler for SD
-    1.x/2.x and Euler-ancestral for SDXL, as the released sd-turbo / sdxl-turbo configs have."""
+    1.x/2.x and Euler-ancestral for SDXL, as the released sd-turbo / sdxl-turbo configs have; with the
+    student's `prediction_type` where it differs from the teacher's."""
     config = dict(teacher.components["scheduler"].config)
     config.update(timestep_spacing="trailing", steps_offset=1)
+    if prediction_type:
+        config.update(prediction_type=prediction_type)
     cls = EulerAncestralDiscreteScheduler if teacher.family == "sdxl" else EulerDiscreteScheduler
     return cls.from_config(config)
 
@@ -50,7 +55,8 @@ def export_student(path: Path, teacher: LoadedModel, student: nn.Module, cfg: Di
         unet = _merged_copy(student)
     c = {k: v for k, v in teacher.components.items() if k not in ("unet", "scheduler")}
     c = {k: (_fp32(v) if isinstance(v, nn.Module) else v) for k, v in c.items()}
-    components = {**c, "unet": unet.float(), "scheduler": turbo_scheduler(teacher)}
+    scheduler = turbo_scheduler(teacher, cfg.student_prediction(teacher))
+    components = {**c, "unet": unet.float(), "scheduler": scheduler}
     if teacher.family == "sdxl":
         pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True)
     else:

@@ -31,8 +31,13 @@ class StepModels:
     vae: nn.Module
     disc: nn.Module
     alphas_cumprod: Tensor
-    prediction_type: str
+    prediction_type: str  # the teacher's
     scaling_factor: float
+    student_prediction_type: str | None = None  # None: the teacher's
+
+    @property
+    def student_prediction(self) -> str:
+        return self.student_prediction_type or self.prediction_type
 
 
 @dataclass
@@ -63,11 +68,19 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def x0_prediction(unet: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning, kwargs: dict, m: StepModels) -> Tensor:
-    """x̂₀ of a UNet at timesteps t (ε- or v-prediction, the model's own parameterisation)."""
+def x0_prediction(
+    unet: nn.Module,
+    x_t: Tensor,
+    t: Tensor,
+    cond: Conditioning,
+    kwargs: dict,
+    m: StepModels,
+    prediction_type: str | None = None,
+) -> Tensor:
+    """x̂₀ of a UNet at timesteps t, from its output in `prediction_type` (default: the teacher's)."""
     alpha, sigma = sampling.vp_coefficients(m.alphas_cumprod, t)
     out = unet(x_t.to(cond.embeds.dtype), t, encoder_hidden_states=cond.embeds, return_dict=False, **kwargs)[0]
-    return sampling.x0_from_output_vp(x_t, out.float(), alpha, sigma, m.prediction_type)
+    return sampling.x0_from_output_vp(x_t, out.float(), alpha, sigma, prediction_type or m.prediction_type)
 
 
 def guided_x0(x_t: Tensor, t: Tensor, b: StepBatch, m: StepModels, guidance: Tensor) -> Tensor:
@@ -141,7 +154,7 @@ def distill_step(
     if cfg.zero_terminal_snr:  # at the terminal step the input is pure noise, exactly as at inference
         alpha_s = torch.where(s.view(-1, 1, 1, 1) == 999, torch.zeros_like(alpha_s), alpha_s)
     x_s = sampling.add_noise_vp(b.x0, rand(*b.x0.shape), alpha_s, sigma_s)
-    x_hat = x0_prediction(m.student, x_s, s, b.cond, b.unet_kwargs, m)
+    x_hat = x0_prediction(m.student, x_s, s, b.cond, b.unet_kwargs, m, m.student_prediction)
     # x̂'s pixels (graph kept) for whoever reads them: ADD's discriminator and pixel-space distillation.
     needs_pixels = cfg.method == "add" or cfg.distill_in_pixels
     fake_pixels = decode(m.vae, x_hat, m.scaling_factor) if needs_pixels else None

@@ -196,6 +196,7 @@ def train(cfg: DistillConfig) -> Path:
         alphas_cumprod=alphas_cumprod,
         prediction_type=c["scheduler"].config.get("prediction_type", "epsilon"),
         scaling_factor=vae.config.scaling_factor,
+        student_prediction_type=cfg.student_prediction(teacher),
     )
     uncond_cache: dict[int, Conditioning] = {}
     nfsd = cfg.distill_weighting == "nfsd"
@@ -455,7 +456,8 @@ def _log_validation(
         ema.copy_to(unet.parameters())
     c = teacher.components
     precision = Precision(compute=c["text_encoder"].dtype, vae=c["vae"].dtype)
-    model = LoadedModel(teacher.family, {**c, "unet": unet}, "student", teacher.extra)
+    scheduler = type(c["scheduler"]).from_config(c["scheduler"].config, prediction_type=cfg.student_prediction(teacher))
+    model = LoadedModel(teacher.family, {**c, "unet": unet, "scheduler": scheduler}, "student", teacher.extra)
     pipe = TurboPipeline(model, accelerator.device, precision)
     prompts = [p for p in cfg.validation_prompts.split("|") if p.strip()]
     for steps in (1, 4):
