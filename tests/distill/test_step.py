@@ -32,6 +32,7 @@ def models_and_batch(scheduler: DDIMScheduler) -> tuple[StepModels, StepBatch]:
         alphas_cumprod=scheduler.alphas_cumprod,
         prediction_type="epsilon",
         scaling_factor=1.0,
+        student_prediction_type="epsilon",
     )
     return models, StepBatch(torch.zeros(2, 4, 8, 8), None, cond, uncond, {}, {})
 

@@ -12,6 +12,7 @@ from turbokit import TurboPipeline
 from turbokit.cli import main
 from turbokit.distill.config import DistillConfig
 from turbokit.distill.trainer import train
+from turbokit.errors import TurbokitError
 from turbokit.loading import load_model
 
 
@@ -303,5 +304,5 @@ def test_a_v_prediction_student_of_an_epsilon_teacher_says_so_and_samples_alike_
     ).images
     ours = TurboPipeline.from_pretrained(student_dir, device="cpu", dtype="fp32")("a red square", seed=3).pixels
     assert (expected - ours.float()).abs().max() < 2 / 255
-    with pytest.raises(Exception, match="Stability's layout"):
+    with pytest.raises(TurbokitError, match="Stability's layout"):
         DistillConfig(**{**vars(cfg), "export_single_file": True}).validate()

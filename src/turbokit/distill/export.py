@@ -19,15 +19,13 @@ from turbokit.loading import LoadedModel
 
 
 def turbo_scheduler(
-    teacher: LoadedModel, prediction_type: str | None = None
+    teacher: LoadedModel, prediction_type: str
 ) -> EulerDiscreteScheduler | EulerAncestralDiscreteScheduler:
     """The teacher's noise schedule with the Turbo sampling settings: trailing timesteps, Euler for SD
-    1.x/2.x and Euler-ancestral for SDXL, as the released sd-turbo / sdxl-turbo configs have; with the
-    student's `prediction_type` where it differs from the teacher's."""
+    1.x/2.x and Euler-ancestral for SDXL, as the released sd-turbo / sdxl-turbo configs have; and the
+    student's `prediction_type`."""
     config = dict(teacher.components["scheduler"].config)
-    config.update(timestep_spacing="trailing", steps_offset=1)
-    if prediction_type:
-        config.update(prediction_type=prediction_type)
+    config.update(timestep_spacing="trailing", steps_offset=1, prediction_type=prediction_type)
     cls = EulerAncestralDiscreteScheduler if teacher.family == "sdxl" else EulerDiscreteScheduler
     return cls.from_config(config)
 

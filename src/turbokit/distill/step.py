@@ -33,11 +33,7 @@ class StepModels:
     alphas_cumprod: Tensor
     prediction_type: str  # the teacher's
     scaling_factor: float
-    student_prediction_type: str | None = None  # None: the teacher's
-
-    @property
-    def student_prediction(self) -> str:
-        return self.student_prediction_type or self.prediction_type
+    student_prediction_type: str
 
 
 @dataclass
@@ -154,7 +150,7 @@ def distill_step(
     if cfg.zero_terminal_snr:  # at the terminal step the input is pure noise, exactly as at inference
         alpha_s = torch.where(s.view(-1, 1, 1, 1) == 999, torch.zeros_like(alpha_s), alpha_s)
     x_s = sampling.add_noise_vp(b.x0, rand(*b.x0.shape), alpha_s, sigma_s)
-    x_hat = x0_prediction(m.student, x_s, s, b.cond, b.unet_kwargs, m, m.student_prediction)
+    x_hat = x0_prediction(m.student, x_s, s, b.cond, b.unet_kwargs, m, m.student_prediction_type)
     # x̂'s pixels (graph kept) for whoever reads them: ADD's discriminator and pixel-space distillation.
     needs_pixels = cfg.method == "add" or cfg.distill_in_pixels
     fake_pixels = decode(m.vae, x_hat, m.scaling_factor) if needs_pixels else None
