@@ -219,6 +219,7 @@ def setup(
         alphas_cumprod=scheduler.alphas_cumprod.to(device),
         prediction_type=c["scheduler"].config.get("prediction_type", "epsilon"),
         scaling_factor=vae.config.scaling_factor,
+        student_prediction_type=cfg.student_prediction(teacher),
     )
     times: dict[str, float] = defaultdict(float)
     head_params = disc.trainable_parameters()
