@@ -120,6 +120,10 @@ def test_openai_images_api(tiny_pipe: TurboPipeline, serving: Callable) -> None:
     [
         ("/api/txt2img", {"steps": 0}, 422, "steps"),
         ("/api/txt2img", {"steps": 51}, 422, "steps"),
+        ("/api/txt2img", {"steps": True}, 422, "valid integer"),  # not read as 1
+        ("/api/txt2img", {"seed": "7"}, 422, "valid integer"),
+        ("/api/txt2img", {"guidance_scale": False}, 422, "valid number"),
+        ("/v1/images/generations", {"n": True}, 422, "valid integer"),
         ("/api/txt2img", {"width": 100}, 422, "multiple of 8"),
         ("/api/txt2img", {"height": 4096}, 422, "height"),
         ("/api/txt2img", {"n": 9}, 422, "n"),

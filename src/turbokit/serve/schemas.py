@@ -44,12 +44,19 @@ _DATA_URL = re.compile(r"data:[\w.+/-]*(?:;[\w.+-]+=[\w.+-]+)*;base64,", re.ASCI
 
 
 Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]  # pydantic refuses unpaired surrogates
-Side = Annotated[int, Field(ge=8, le=MAX_SIDE, multiple_of=8)]
-Steps = Annotated[int, Field(ge=1, le=MAX_STEPS, description="denoising steps; Turbo models: 1–4")]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="base seed: image i gets seed + i; null for random")]
-Count = Annotated[int, Field(ge=1, le=MAX_IMAGES, description="how many images")]
+# Numbers are strict: in lax mode pydantic reads `true` as 1 and "2" as 2, a request the schema says is wrong
+# (integer fields take JSON integers only; float fields take integers too).
+Side = Annotated[int, Field(ge=8, le=MAX_SIDE, multiple_of=8, strict=True)]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS, strict=True, description="denoising steps; Turbo models: 1–4")]
+Seed = Annotated[
+    int, Field(ge=0, le=MAX_SEED, strict=True, description="base seed: image i gets seed + i; null for random")
+]
+Count = Annotated[int, Field(ge=1, le=MAX_IMAGES, strict=True, description="how many images")]
 Guidance = Annotated[
-    float, Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False, description="classifier-free guidance; Turbo models: 0")
+    float,
+    Field(
+        ge=0, le=MAX_GUIDANCE, allow_inf_nan=False, strict=True, description="classifier-free guidance; Turbo models: 0"
+    ),
 ]
 MIN_STRENGTH = 1 / MAX_STEPS
 """Below it no step count this server allows runs a step: image-to-image runs int(steps × strength)."""
@@ -59,6 +66,7 @@ Strength = Annotated[
         ge=MIN_STRENGTH,
         le=1,
         allow_inf_nan=False,
+        strict=True,
         description=f"image-to-image runs int(steps × strength) steps, so at least {MIN_STRENGTH:g}",
     ),
 ]
