@@ -22,6 +22,11 @@ seed; with random weights it measures numerical drift, not the quality of a trai
     python benchmarks/bench_inference.py --tiny --openvino --repeats 1     # smoke run, tiny model, seconds
     python benchmarks/bench_inference.py --tiny --quantize int8 --repeats 1
     python benchmarks/bench_inference.py --compile aot          # adds turbokit compiled ahead of time
+    python benchmarks/bench_inference.py --openvino --compile openvino --tiny-decoder --no-fp32   # issue 6 §5
+
+--compile may be given more than once; --tiny-decoder adds, for turbokit at its default and for each
+compiled mode, a row that decodes with a random full-size AutoencoderTiny (TAESD's architecture) instead of
+the VAE. turbokit's eager and OpenVINO rows also report seconds per component (text encoder, UNet, decoder).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import EulerDiscreteScheduler
 from diffusers.utils import logging as diffusers_logging
 from peak_rss import PeakRSS
@@ -82,15 +87,52 @@ class Call:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def in_process(generate: Callable[[str], object]) -> Callable[[str], Call]:
+def in_process(generate: Callable[[str], object], parts: dict[str, float] | None = None) -> Callable[[str], Call]:
+    """A timed row; `parts` is a `time_parts` dict, reset before each call and copied into its result."""
+
     def run(prompt: str) -> Call:
+        if parts is not None:
+            parts.clear()
         with PeakRSS() as mem:
             start = time.perf_counter()
             generate(prompt)
             seconds = time.perf_counter() - start
-        return Call(seconds, mem.growth_gib)
+        return Call(seconds, mem.growth_gib, dict(parts or {}))
 
     return run
+
+
+def time_parts(pipe: TurboPipeline) -> dict[str, float]:
+    """Wrap the pipeline's text encoders, UNet and decoders so that each call's seconds per component add up in
+    the returned dict. Not for torch.compile's modes: the wrapper would be traced into the graph."""
+    seconds: dict[str, float] = {}
+
+    def wrap(name: str, module: torch.nn.Module) -> None:
+        forward = module.forward  # the class's, or an instance's dispatcher (aot, openvino)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+        module.forward = timed
+
+    for encoder in pipe.text_encoders:
+        wrap("text_encoder", encoder)
+    wrap("unet", pipe.unet)
+    wrap("vae_decode", pipe.vae.decoder)
+    if pipe.tiny_vae is not None:
+        wrap("vae_decode", pipe.tiny_vae.decoder)
+    return seconds
+
+
+def full_decoder(pipe: TurboPipeline) -> TurboPipeline:
+    """The same pipeline (shared weights and compiled models) decoding with the full VAE."""
+    twin = copy.copy(pipe)
+    twin.tiny_vae = None
+    return twin
 
 
 def save_diffusers_folder(parts: dict[str, object], folder: Path) -> Path:
@@ -185,8 +227,12 @@ def main() -> None:
         "--quantize", choices=["int8"], default=None, help="add turbokit with the UNet in int8 (torchao, CPU only)"
     )
     parser.add_argument(
-        "--compile", choices=COMPILE_MODES, default=None, help="add turbokit compiled in this mode (--compile)"
+        "--compile", choices=COMPILE_MODES, action="append", default=[], help="add turbokit compiled in this mode"
     )
+    parser.add_argument(
+        "--tiny-decoder", action="store_true", help="add turbokit rows that decode with a random AutoencoderTiny"
+    )
+    parser.add_argument("--no-fp32", action="store_true", help="leave out the fp32 rows (saves memory and time)")
     parser.add_argument(
         "--cache-dir", type=Path, default=ROOT / "build" / "bench-inference", help="saved weights and IR for OpenVINO"
     )
@@ -212,29 +258,45 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device, dtype)
 
+    torch.manual_seed(1)
+    tiny_decoder = AutoencoderTiny() if args.tiny_decoder else None  # TAESD's layout for SD's 4-channel latents
+
     def turbokit_pipe(dtype: str | None, quantize: str | None = None, compile: str | None = None) -> TurboPipeline:
         parts = copy.deepcopy(base)
         model = LoadedModel("sd2", parts, "sd-turbo-random")
-        return TurboPipeline(model, device, choose_precision(device, dtype), quantize=quantize, compile=compile)
+        precision = choose_precision(device, dtype)
+        decoder = copy.deepcopy(tiny_decoder) if tiny_decoder is not None and dtype is None else None
+        return TurboPipeline(model, device, precision, decoder, quantize=quantize, compile=compile)
+
+    def turbokit_rows(name: str, pipe: TurboPipeline, timed: bool = True) -> None:
+        """The pipeline's row with the full VAE, and with --tiny-decoder one with the tiny decoder."""
+        parts = time_parts(pipe) if timed else None
+        full = full_decoder(pipe)
+        rows[name] = in_process(lambda p: full(p, steps=args.steps, seed=0, width=args.size, height=args.size), parts)
+        if pipe.tiny_vae is not None:
+            tiny = lambda p: pipe(p, steps=args.steps, seed=0, width=args.size, height=args.size)  # noqa: E731
+            rows[f"{name} + tiny decoder"] = in_process(tiny, parts)
 
     rows: dict[str, Callable[[str], Call]] = {}
-    d32 = diffusers_pipe(torch.float32)
-    dfast = diffusers_pipe(fast)
-    t_def = turbokit_pipe(None)
-    t32 = turbokit_pipe("fp32")
     common = dict(num_inference_steps=args.steps, guidance_scale=0.0, height=args.size, width=args.size)
-    rows["diffusers fp32 (default)"] = in_process(
-        lambda p: d32(p, generator=torch.Generator().manual_seed(0), **common)
-    )
+    if not args.no_fp32:
+        d32 = diffusers_pipe(torch.float32)
+        rows["diffusers fp32 (default)"] = in_process(
+            lambda p: d32(p, generator=torch.Generator().manual_seed(0), **common)
+        )
+    dfast = diffusers_pipe(fast)
     rows[f"diffusers {fast_name}"] = in_process(
         lambda p: dfast(p, generator=torch.Generator().manual_seed(0), **common)
     )
     if openvino:
         rows[f"openvino {fast_name} (optimum-intel)"] = openvino
-    rows[f"turbokit default ({fast_name})"] = in_process(
-        lambda p: t_def(p, steps=args.steps, seed=0, width=args.size, height=args.size)
-    )
-    rows["turbokit fp32"] = in_process(lambda p: t32(p, steps=args.steps, seed=0, width=args.size, height=args.size))
+    t_def = turbokit_pipe(None)
+    turbokit_rows(f"turbokit default ({fast_name})", t_def)
+    if not args.no_fp32:
+        t32 = turbokit_pipe("fp32")
+        rows["turbokit fp32"] = in_process(
+            lambda p: t32(p, steps=args.steps, seed=0, width=args.size, height=args.size)
+        )
     quantized_name = f"turbokit {args.quantize} ({fast_name} elsewhere)"
     if args.quantize:
         start = time.perf_counter()
@@ -243,13 +305,14 @@ def main() -> None:
         print(f"built {quantized_name} in {seconds:.1f} s (copy of the weights, placement, quantization)", flush=True)
         rows[quantized_name] = in_process(lambda p: t_q(p, steps=args.steps, seed=0, width=args.size, height=args.size))
 
-    if args.compile:
-        compiled_name = f"turbokit --compile {args.compile} ({fast_name})"
-        t_c = turbokit_pipe(None, compile=args.compile)
-        start = time.perf_counter()  # the first call compiles (or loads the cached compilation)
-        t_c("first call", steps=args.steps, seed=0, width=args.size, height=args.size)
-        print(f"{compiled_name}: first call (compilation) {time.perf_counter() - start:.1f} s", flush=True)
-        rows[compiled_name] = in_process(lambda p: t_c(p, steps=args.steps, seed=0, width=args.size, height=args.size))
+    for mode in args.compile:
+        compiled_name = f"turbokit --compile {mode} ({fast_name})"
+        t_c = turbokit_pipe(None, compile=mode)
+        for pipe in (full_decoder(t_c), t_c) if t_c.tiny_vae is not None else (t_c,):
+            start = time.perf_counter()  # the first call compiles (or loads the cached compilation)
+            pipe("first call", steps=args.steps, seed=0, width=args.size, height=args.size)
+            print(f"{compiled_name}: first call (compilation) {time.perf_counter() - start:.1f} s", flush=True)
+        turbokit_rows(compiled_name, t_c, timed=mode in ("aot", "openvino"))
 
     digits = 4 if args.tiny else 2
     calls: dict[str, list[Call]] = {name: [] for name in rows}
@@ -279,14 +342,18 @@ def main() -> None:
             )
             print(f"{name}, median s per component: {parts}")
     default_name = f"turbokit default ({fast_name})"
-    vs_default = med["diffusers fp32 (default)"] / med[default_name]
     vs_same = med[f"diffusers {fast_name}"] / med[default_name]
-    print(f"\nturbokit default vs diffusers default: {vs_default:.2f}x faster (target >= 2)")
+    print()
+    if not args.no_fp32:
+        vs_default = med["diffusers fp32 (default)"] / med[default_name]
+        print(f"turbokit default vs diffusers default: {vs_default:.2f}x faster (target >= 2)")
+        print(f"turbokit vs diffusers at fp32: {med['diffusers fp32 (default)'] / med['turbokit fp32']:.2f}x faster")
     print(f"turbokit vs diffusers at {fast_name}: {vs_same:.2f}x faster (target >= 1.1)")
-    print(f"turbokit vs diffusers at fp32: {med['diffusers fp32 (default)'] / med['turbokit fp32']:.2f}x faster")
     if openvino:
-        vs_openvino = med[f"openvino {fast_name} (optimum-intel)"] / med[default_name]
-        print(f"turbokit default vs OpenVINO at {fast_name}: {vs_openvino:.2f}x faster (target >= 1.0)")
+        reference = med[f"openvino {fast_name} (optimum-intel)"]
+        for name in med:
+            if name.startswith("turbokit") and "tiny decoder" not in name:
+                print(f"{name} vs OpenVINO at {fast_name}: {reference / med[name]:.2f}x faster (target >= 1.0)")
     if args.quantize:
         print(f"turbokit {args.quantize}: {med[quantized_name]:.{digits}f} s median (target < 1.0 s at 512², 1 step)")
         quality = min(

@@ -13,6 +13,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from turbokit.precision import choose_precision
+
 ROOT = Path(__file__).resolve().parents[1]
 OPENVINO_PYTHON = ROOT / ".venv-openvino" / "bin" / "python"
 needs_openvino = pytest.mark.skipif(
@@ -54,6 +56,24 @@ def test_inference_benchmark_runs_on_a_tiny_model():
     out = run_inference_benchmark().stdout
     assert "| diffusers fp32 (default) |" in out and "| turbokit fp32 |" in out
     assert "turbokit default vs diffusers default" in out
+
+
+def test_inference_benchmark_compiled_rows_with_parts(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("TURBOKIT_CACHE", str(tmp_path))  # inherited by the benchmark's process
+    out = run_inference_benchmark("--compile", "openvino", "--tiny-decoder", "--no-fp32").stdout
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| turbokit")]
+    fast = {torch.bfloat16: "bf16", torch.float32: "fp32"}[choose_precision(torch.device("cpu")).compute]
+    assert rows == [
+        f"turbokit default ({fast})",
+        f"turbokit default ({fast}) + tiny decoder",
+        f"turbokit --compile openvino ({fast})",
+        f"turbokit --compile openvino ({fast}) + tiny decoder",
+    ]
+    assert "fp32 (default)" not in out
+    parts = [line for line in out.splitlines() if "median s per component" in line]
+    assert len(parts) == 4 and all("unet" in line and "vae_decode" in line for line in parts)
+    assert len(list(tmp_path.rglob("*.xml"))) == 3  # UNet, VAE decoder and tiny decoder in OpenVINO IR
 
 
 def test_warm_start_benchmark_launches_cold_and_warm(tmp_path):

@@ -35,8 +35,9 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     strided sample of its values. Hashing gigabytes at each launch would cost more than the warm start."""
     digest = hashlib.sha256(type(module).__qualname__.encode())
     config = getattr(module, "config", None)
-    if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    if config is not None:  # not its bookkeeping: `_name_or_path` differs with how the same folder was named
+        kept = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().contiguous()

@@ -25,7 +25,7 @@ from turbokit.errors import TurbokitError
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads COMPILE_MODES before any model work
     import torch
 
-COMPILE_MODES = ("default", "max-autotune", "reduce-overhead", "aot")
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead", "aot", "openvino")
 
 
 def cache_root() -> Path:
@@ -51,6 +51,14 @@ def check_compile(mode: str | None, device: torch.device | None = None, quantize
         raise TurbokitError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
     if mode == "aot" and device is not None and device.type not in ("cpu", "cuda"):
         raise TurbokitError(f"--compile aot runs on cpu or cuda, not {device.type}: use --compile default")
+    if mode == "openvino" and device is not None and device.type != "cpu":
+        raise TurbokitError(f"--compile openvino runs on the cpu, not {device.type}: use --compile default or aot")
+    if mode == "openvino":
+        from turbokit.openvino_backend import require_openvino
+
+        require_openvino()
+        if quantize is not None:  # its int8 comes from NNCF, not torchao
+            raise TurbokitError(f"--compile openvino with --quantize {quantize} is not supported yet")
     if mode == "aot" and quantize is not None:  # torchao's int8 tensor subclasses are not exported here yet
         raise TurbokitError(f"--compile aot with --quantize {quantize} is not supported yet: use one or the other")
 

@@ -7,11 +7,13 @@ pipeline never knows where a model came from.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import accelerate
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
@@ -93,15 +95,27 @@ def vae_config(model: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_folder(root: Path, allow_pickle: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
-    """A diffusers model folder of the SD 1.x/2.x or SDXL family."""
+def load_folder(
+    root: Path, allow_pickle: bool, dtype: torch.dtype, vae_dtype: torch.dtype, empty_unet: bool = False
+) -> LoadedModel:
+    """A diffusers model folder of the SD 1.x/2.x or SDXL family.
+
+    `extra["load_unet"]` loads the UNet's weights again on demand; with `empty_unet` the UNet is built from its
+    config with no weights (on the meta device) — for engines that run it from a converted copy
+    (`--compile openvino`), so that a warm launch does not read weights it will not use."""
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise ModelNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
     index = json.loads(index_file.read_text())
     if not (root / "unet").is_dir():
         raise ModelNotFoundError(f"{root} has no unet/ folder: only SD 1.x/2.x and SDXL UNet models are supported")
-    unet = _load_part(UNet2DConditionModel, root, "unet", allow_pickle, dtype)
+    load_unet = functools.partial(_load_part, UNet2DConditionModel, root, "unet", allow_pickle, dtype)
+    if empty_unet:
+        with accelerate.init_empty_weights():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root, subfolder="unet"))
+        unet = unet.to(dtype)
+    else:
+        unet = load_unet()
     text_encoder = _load_part(CLIPTextModel, root, "text_encoder", allow_pickle, dtype)
     family = family_of(dict(unet.config), text_encoder.config.hidden_size)
     components: dict[str, object] = {
@@ -116,7 +130,8 @@ def load_folder(root: Path, allow_pickle: bool, dtype: torch.dtype, vae_dtype: t
             CLIPTextModelWithProjection, root, "text_encoder_2", allow_pickle, dtype
         )
         components["tokenizer_2"] = _tokenizer(root, "tokenizer_2", PAD_OPENCLIP)
-    extra = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+    extra = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True), "load_unet": load_unet}
+    extra["unet_folder"] = root / "unet"
     return LoadedModel(family, components, root.name, extra)
 
 
@@ -138,11 +153,14 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
         ) from err
 
 
-def load_model(model: str | Path, *, allow_pickle: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
-    """Load `model` — a diffusers folder, a single-file checkpoint, or a hub id — as components."""
+def load_model(
+    model: str | Path, *, allow_pickle: bool, dtype: torch.dtype, vae_dtype: torch.dtype, empty_unet: bool = False
+) -> LoadedModel:
+    """Load `model` — a diffusers folder, a single-file checkpoint, or a hub id — as components.
+    `empty_unet` (folders only): see `load_folder`."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return load_folder(path, allow_pickle, dtype, vae_dtype)
+        return load_folder(path, allow_pickle, dtype, vae_dtype, empty_unet)
     if path.is_file():
         from turbokit.single_file import load_single_file
 

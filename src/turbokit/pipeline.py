@@ -31,6 +31,7 @@ from turbokit.images import fit_size, pil_to_tensor, resize, tensor_to_pil
 from turbokit.loading import LoadedModel, load_model, load_tiny_vae, vae_config
 from turbokit.metadata import GenerationParameters
 from turbokit.models import default_model
+from turbokit.openvino_backend import compile_openvino, converted_before
 from turbokit.precision import Precision, choose_precision, parse_device
 from turbokit.prompt_cache import PromptCache
 from turbokit.quantize import check_quantize, quantize_unet
@@ -86,7 +87,10 @@ def from_latent_space(x: torch.Tensor, vae_config: dict) -> torch.Tensor:
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, conv: bool = False) -> torch.nn.Module:
     """Move a model to its device and dtype, in inference mode; convolutional models go channels-last,
-    the layout oneDNN and cuDNN convolve fastest (measured: 30% off the SD VAE decode on a CPU)."""
+    the layout oneDNN and cuDNN convolve fastest (measured: 30% off the SD VAE decode on a CPU).
+    A module without weights (`load_folder(empty_unet=True)`) only takes the dtype."""
+    if next(module.parameters()).is_meta:
+        return module.to(dtype).eval().requires_grad_(False)
     module = module.to(device)
     if module.dtype != dtype:
         module = module.to(dtype)
@@ -135,6 +139,12 @@ class TurboPipeline:
             if compile == "aot":  # the text encoders stay eager: prompts are cached, they cost little
                 for name, module in {"unet": self.unet, **decoders}.items():
                     compile_ahead(module, cache_root() / "aot", name)
+            elif compile == "openvino":
+                cache = cache_root() / "openvino"
+                folder, load = model.extra.get("unet_folder"), model.extra.get("load_unet")
+                compile_openvino(self.unet, cache, "unet", precision.compute, folder, load)
+                for name, module in decoders.items():
+                    compile_openvino(module, cache, name, precision.vae)
             else:
                 for module in (self.unet, *decoders.values(), *self.text_encoders):
                     compile_module(module, device, compile)
@@ -170,14 +180,19 @@ class TurboPipeline:
         `quantize="int8"` runs the UNet's linear layers in int8 on the CPU (`turbokit.quantize`);
         `compile` ("default", "max-autotune", "reduce-overhead") compiles the UNet, decoder and text
         encoders with torch.compile, its caches on disk (`turbokit.compile`); "aot" runs the UNet and
-        decoder as AOTInductor packages built once per shape and reloaded by later launches (`turbokit.aot`)."""
+        decoder as AOTInductor packages built once per shape and reloaded by later launches (`turbokit.aot`);
+        "openvino" runs them with OpenVINO's CPU runtime, converted once per shape (`turbokit.openvino_backend`)."""
         model = default_model() if model is None else model
         device = device if isinstance(device, torch.device) else parse_device(device)
         check_quantize(quantize, device)  # before the slow load
         check_compile(compile, device, quantize)
         force_upcast = bool(vae_config(model).get("force_upcast", True))
         precision = choose_precision(device, dtype, force_upcast)
-        loaded = load_model(model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae)
+        # a UNet that OpenVINO runs from a converted copy need not be read at all (warm start)
+        empty = compile == "openvino" and converted_before(model, cache_root() / "openvino", "unet")
+        loaded = load_model(
+            model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae, empty_unet=empty
+        )
         decoder = None if tiny_vae is None else load_tiny_vae(tiny_vae, precision.vae)
         return cls(loaded, device, precision, decoder, quantize, compile)
 

@@ -1,0 +1,119 @@
+"""`--compile openvino`: the same images as eager (exactly in fp32, within bf16 rounding in bf16), converted once."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+
+import pytest
+import torch
+
+from turbokit.cli import main
+from turbokit.compile import check_compile
+from turbokit.errors import TurbokitError
+from turbokit.pipeline import TurboPipeline
+from turbokit.tiny import tiny_autoencoder_tiny
+
+pytest.importorskip("openvino", reason="turbokit[openvino] is part of the dev extra; installed by make test")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "openvino"
+
+
+def models_in(cache) -> list[str]:
+    return sorted(p.parent.name.split("-ov")[0].rsplit("-", 1)[0] + "/" + p.stem for p in cache.rglob("*.xml"))
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_fp32_matches_eager(tiny_models, cache, family):
+    kwargs = dict(steps=2, seed=[0, 1])
+    prompts = ["a red circle", "a cat"]
+    eager = TurboPipeline.from_pretrained(tiny_models[family], dtype="fp32")(prompts, **kwargs)
+    ov = TurboPipeline.from_pretrained(tiny_models[family], dtype="fp32", compile="openvino")(prompts, **kwargs)
+    assert len(list(cache.rglob("*.xml"))) == 2  # the UNet and the decoder, one shape each: it did run OpenVINO
+    assert (ov.pixels - eager.pixels).abs().max() < 1 / 255
+    assert (ov.latents - eager.latents).abs().max() < 1e-3
+
+
+def test_bf16_within_rounding_and_converted_once(tiny_models, cache, monkeypatch):
+    kwargs = dict(steps=1, seed=[0])
+    reference = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="fp32")(["a red circle"], **kwargs).pixels
+    eager = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16")(["a red circle"], **kwargs).pixels
+    first = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16", compile="openvino")(
+        ["a red circle"], **kwargs
+    )
+    rounding = (eager - reference).abs().mean()
+    assert (first.pixels - reference).abs().mean() < 3 * rounding + 1 / 255
+    assert not torch.equal(first.pixels, eager)  # bf16 kernels of another engine round differently
+    files = models_in(cache)
+
+    import openvino
+
+    convert = openvino.convert_model
+
+    def no_convert(*args, **kwargs):
+        raise AssertionError("a second launch must not convert again")
+
+    monkeypatch.setattr(openvino, "convert_model", no_convert)
+    pipe = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16", compile="openvino")
+    assert next(pipe.unet.parameters()).is_meta  # the warm launch did not even read the UNet's weights
+    again = pipe(["a red circle"], **kwargs)
+    assert torch.equal(again.pixels, first.pixels)
+    assert models_in(cache) == files
+    with pytest.raises(AssertionError, match="must not convert"):  # a new shape needs a conversion
+        pipe(["a red circle"], width=48, height=48, **kwargs)
+    monkeypatch.setattr(openvino, "convert_model", convert)
+    small = pipe(["a red circle"], width=48, height=48, **kwargs).pixels  # reads the weights, converts 48²
+    small_eager = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16")
+    reference = small_eager(["a red circle"], width=48, height=48, **kwargs).pixels
+    assert small.shape == reference.shape and (small - reference).abs().mean() < 3 / 255
+
+
+def test_cache_key_follows_the_weights_files(tiny_models, tmp_path):
+    import shutil
+
+    from turbokit.openvino_backend import folder_fingerprint
+
+    copy = tmp_path / "unet"
+    shutil.copytree(tiny_models["sd2"] / "unet", copy)
+    before = folder_fingerprint(copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"_name_or_path": "elsewhere"}))
+    assert folder_fingerprint(copy) == before  # bookkeeping is not identity
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten weights
+    assert folder_fingerprint(copy) != before
+
+
+def test_tiny_decoder_runs_in_openvino(tiny_models, cache, tmp_path):
+    tiny_autoencoder_tiny().save_pretrained(tmp_path / "taesd")
+    kwargs = dict(steps=1, seed=[0])
+    eager = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="fp32", tiny_vae=tmp_path / "taesd")
+    ov = TurboPipeline.from_pretrained(
+        tiny_models["sd2"], dtype="fp32", tiny_vae=tmp_path / "taesd", compile="openvino"
+    )
+    a, b = eager(["a dog"], **kwargs).pixels, ov(["a dog"], **kwargs).pixels
+    assert (a - b).abs().max() < 1 / 255
+    assert [name.split("/")[0] for name in models_in(cache)] == ["tiny-decoder", "unet"]
+
+
+def test_refusals_are_one_clear_error(tiny_models, monkeypatch, capsys):
+    with pytest.raises(TurbokitError, match="runs on the cpu, not cuda"):
+        check_compile("openvino", torch.device("cuda"))
+    with pytest.raises(TurbokitError, match="openvino with --quantize int8 is not supported"):
+        TurboPipeline.from_pretrained(tiny_models["sd2"], compile="openvino", quantize="int8")
+    real_import = builtins.__import__
+
+    def without_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_openvino)
+    assert main(["generate", "x", "-m", str(tiny_models["sd2"]), "--compile", "openvino", "-q"]) != 0
+    err = capsys.readouterr().err
+    assert "pip install 'turbokit[openvino]'" in err and "Traceback" not in err
