@@ -13,6 +13,7 @@ from turbokit.cli import main
 from turbokit.compile import check_compile
 from turbokit.errors import TurbokitError
 from turbokit.pipeline import TurboPipeline
+from turbokit.quantize import quality_check
 from turbokit.tiny import tiny_autoencoder_tiny
 
 pytest.importorskip("openvino", reason="turbokit[openvino] is part of the dev extra; installed by make test")
@@ -101,11 +102,26 @@ def test_tiny_decoder_runs_in_openvino(tiny_models, cache, tmp_path):
     assert [name.split("/")[0] for name in models_in(cache)] == ["tiny-decoder", "unet"]
 
 
+def test_int8_is_calibrated_once_per_shape_and_close_to_bf16(tiny_models, cache, monkeypatch):
+    bf16 = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16", compile="openvino")
+    int8 = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16", compile="openvino", quantize="int8")
+    calls = []
+    dispatcher = int8.unet.forward  # the OpenVINO dispatcher stands in for the UNet's forward
+    calibrate = dispatcher.calibrate
+    dispatcher.calibrate = lambda args, kwargs: calls.append(args[0].shape) or calibrate(args, kwargs)
+    quality = quality_check(int8, bf16, ["a red circle", "a cat", "a blue square on a white background"])
+    assert 30 < quality < 100  # the bar; 100 would mean nothing was quantized
+    assert calls == [torch.Size([1, 4, 8, 8])]  # calibrated once, at the call's latent shape
+    quantized = list(cache.rglob("*-int8.xml"))
+    assert len(quantized) == 1 and "FakeQuantize" in quantized[0].read_text()  # int8 ranges in the graph
+    again = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16", compile="openvino", quantize="int8")
+    again.unet.forward.calibrate = lambda *a: pytest.fail("the int8 model is cached: no second calibration")
+    assert torch.equal(again("a red circle", seed=0).pixels, int8("a red circle", seed=0).pixels)
+
+
 def test_refusals_are_one_clear_error(tiny_models, monkeypatch, capsys):
     with pytest.raises(TurbokitError, match="runs on the cpu, not cuda"):
         check_compile("openvino", torch.device("cuda"))
-    with pytest.raises(TurbokitError, match="openvino with --quantize int8 is not supported"):
-        TurboPipeline.from_pretrained(tiny_models["sd2"], compile="openvino", quantize="int8")
     real_import = builtins.__import__
 
     def without_openvino(name, *args, **kwargs):

@@ -104,8 +104,9 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
         "--quantize",
         choices=["int8"],
         default=None,
-        help="int8: the UNet's linear layers in int8, weights and activations (CPU only; needs turbokit[int8]; "
-        "not faster than bf16 yet: docs/performance.md)",
+        help="int8: the UNet in int8, weights and activations (CPU only). With --compile openvino: NNCF's "
+        "post-training quantization, calibrated once per size (needs turbokit[openvino]); otherwise torchao's "
+        "int8 linear layers (needs turbokit[int8]; not faster than bf16: docs/performance.md)",
     )
     p.add_argument(
         "--compile",
@@ -116,7 +117,8 @@ def _add_model_options(p: argparse.ArgumentParser, batch_size: bool = True) -> N
         help="compile the UNet, decoder and text encoder with torch.compile (the first image of each size "
         "pays the compilation, again at each launch; kernels are kept in ~/.cache/turbokit); aot: UNet and "
         "decoder compiled ahead of time once per size, later launches load them (warm start; a copy of the "
-        "weights per size on disk); a bare --compile means default",
+        "weights per size on disk); openvino: UNet and decoder run by OpenVINO, converted once per size "
+        "(CPU; needs turbokit[openvino]; the fastest CPU path); a bare --compile means default",
     )
     p.add_argument(
         "--allow-pickle", action="store_true", help="load pickle checkpoints (.ckpt/.pt/.bin): only if trusted"

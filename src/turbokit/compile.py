@@ -54,11 +54,11 @@ def check_compile(mode: str | None, device: torch.device | None = None, quantize
     if mode == "openvino" and device is not None and device.type != "cpu":
         raise TurbokitError(f"--compile openvino runs on the cpu, not {device.type}: use --compile default or aot")
     if mode == "openvino":
-        from turbokit.openvino_backend import require_openvino
+        from turbokit.openvino_backend import require_nncf, require_openvino
 
         require_openvino()
         if quantize is not None:  # its int8 comes from NNCF, not torchao
-            raise TurbokitError(f"--compile openvino with --quantize {quantize} is not supported yet")
+            require_nncf()
     if mode == "aot" and quantize is not None:  # torchao's int8 tensor subclasses are not exported here yet
         raise TurbokitError(f"--compile aot with --quantize {quantize} is not supported yet: use one or the other")
 

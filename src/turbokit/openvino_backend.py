@@ -48,6 +48,18 @@ def require_openvino() -> Any:
     return openvino
 
 
+def require_nncf() -> Any:
+    """NNCF (OpenVINO's quantization library), quiet, or one clear error saying how to get it."""
+    try:
+        import nncf
+    except ImportError as err:
+        raise TurbokitError(
+            "--quantize int8 with --compile openvino needs nncf: pip install 'turbokit[openvino]'"
+        ) from err
+    nncf.set_log_level(logging.WARNING)  # it logs every layer it leaves in float at INFO
+    return nncf
+
+
 class _Flat(torch.nn.Module):
     """The module's own (class) forward with every tensor argument positional, the rest fixed: what tracing
     needs. Returns the output's tensors as a flat tuple."""
@@ -97,7 +109,9 @@ class OpenVinoDispatcher:
     """Stands in for `module.forward`: runs the compiled OpenVINO model of each call signature.
 
     `source` is the module's diffusers folder, when it came from one: the cache is then keyed on its files, and
-    `load` (which reads its weights) supplies the weights to convert a new shape when `module` has none."""
+    `load` (which reads its weights) supplies the weights to convert a new shape when `module` has none.
+    With `quantize="int8"` each shape's model is quantized once: `calibrate(args, kwargs)` must sample with
+    the module at the same shapes as the call `args, kwargs`; the inputs it meets calibrate the int8 ranges."""
 
     def __init__(
         self,
@@ -108,9 +122,13 @@ class OpenVinoDispatcher:
         threads: int,
         source: Path | None = None,
         load: Callable[[], torch.nn.Module] | None = None,
+        quantize: str | None = None,
+        calibrate: Callable[[tuple[Any, ...], dict[str, Any]], None] | None = None,
     ) -> None:
         self.ov = require_openvino()
         self.module, self.name, self.dtype, self.load = module, name, dtype, load
+        self.quantize, self.calibrate = quantize, calibrate
+        self.recording: tuple[str, list[list[np.ndarray]], Any] | None = None  # key, inputs, fp request
         fingerprint = folder_fingerprint(source) if source is not None else weights_fingerprint(module)
         self.folder = ir_folder(cache, name, fingerprint)
         self.config = {
@@ -123,26 +141,71 @@ class OpenVinoDispatcher:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = call_signature(args, kwargs)
-        if key not in self.loaded:
-            self.loaded[key] = self._load_or_convert(key, args, kwargs)
-        request, out_spec = self.loaded[key]
         tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
-        outputs = request.infer([_to_numpy(t) for t in tensors], share_inputs=True)
+        inputs = [_to_numpy(t) for t in tensors]
+        if self.recording is not None and self.recording[0] == key:  # calibrating int8: the fp model, recorded
+            _, recorded, request = self.recording
+            recorded.append([a.copy() for a in inputs])
+            out_spec = self._out_spec(key)
+        else:
+            if key not in self.loaded:
+                self.loaded[key] = self._load_or_convert(key, args, kwargs)
+            request, out_spec = self.loaded[key]
+        outputs = request.infer(inputs, share_inputs=True)
         like = next((t for t in tensors if t.is_floating_point()), None)
         results = [torch.from_numpy(np.array(outputs[i])) for i in range(len(outputs))]
         if like is not None:  # eager returns the input's dtype; OpenVINO's outputs are fp32
             results = [r.to(like.dtype) if r.is_floating_point() else r for r in results]
         return pytree.tree_unflatten(results, out_spec)
 
+    def _out_spec(self, key: str) -> pytree.TreeSpec:
+        return pytree.treespec_loads(json.loads((self.folder / f"{key}.json").read_text())["outputs"])
+
     def _load_or_convert(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
         xml, spec_file = self.folder / f"{key}.xml", self.folder / f"{key}.json"
         if not (xml.is_file() and spec_file.is_file()):
             self._convert(xml, spec_file, args, kwargs)
+        if self.quantize == "int8":
+            xml = self._int8(key, xml, args, kwargs)
         start = time.perf_counter()
         compiled = self.ov.Core().compile_model(str(xml), "CPU", self.config)
         log.info(f"loaded {self.name} into OpenVINO in {time.perf_counter() - start:.2f} s")
-        out_spec = pytree.treespec_loads(json.loads(spec_file.read_text())["outputs"])
-        return compiled.create_infer_request(), out_spec
+        return compiled.create_infer_request(), self._out_spec(key)
+
+    def _int8(self, key: str, xml: Path, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Path:
+        """The int8 model of this signature: NNCF's post-training quantization of the converted model, its
+        activation ranges calibrated on the inputs the model meets when `calibrate` samples with it."""
+        int8 = self.folder / f"{key}-int8.xml"
+        if int8.is_file():
+            return int8
+        nncf = require_nncf()
+        if self.calibrate is None:
+            raise TurbokitError(f"{self.name} cannot be quantized: nothing to calibrate it with")
+        start = time.perf_counter()
+        log.info(f"calibrating {self.name} for int8 at this shape (once; cached in {self.folder})")
+        fp = self.ov.Core().compile_model(str(xml), "CPU", self.config).create_infer_request()
+        self.recording = (key, [], fp)
+        try:
+            self.calibrate(args, kwargs)
+            samples = self.recording[1]
+        finally:
+            self.recording = None
+        log.info(f"quantizing {self.name} to int8 on {len(samples)} recorded inputs")
+        model = nncf.quantize(
+            self.ov.Core().read_model(str(xml)),
+            nncf.Dataset(samples),
+            subset_size=len(samples),
+            # transformer patterns: attention's activation × activation products get int8 inputs too; SmoothQuant
+            # off (it moves activation outliers into weights, and measured worse on this UNet)
+            model_type=nncf.ModelType.TRANSFORMER,
+            advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1),
+        )
+        partial = int8.with_name(f"{int8.stem}.partial-{os.getpid()}.xml")
+        self.ov.save_model(model, str(partial), compress_to_fp16=False)
+        os.replace(partial.with_suffix(".bin"), int8.with_suffix(".bin"))
+        os.replace(partial, int8)
+        log.info(f"quantized {self.name} to int8 in {time.perf_counter() - start:.1f} s")
+        return int8
 
     def _convert(self, xml: Path, spec_file: Path, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         start = time.perf_counter()
@@ -201,8 +264,11 @@ def compile_openvino(
     dtype: torch.dtype,
     source: Path | None = None,
     load: Callable[[], torch.nn.Module] | None = None,
+    quantize: str | None = None,
+    calibrate: Callable[[tuple[Any, ...], dict[str, Any]], None] | None = None,
 ) -> torch.nn.Module:
     """Make `module` run OpenVINO models from `cache` (converted at the first call of each signature);
-    `source` and `load`: see `OpenVinoDispatcher`."""
-    module.forward = OpenVinoDispatcher(module, cache, name, dtype, torch.get_num_threads(), source, load)
+    `source` and `load`, `quantize` and `calibrate`: see `OpenVinoDispatcher`."""
+    threads = torch.get_num_threads()
+    module.forward = OpenVinoDispatcher(module, cache, name, dtype, threads, source, load, quantize, calibrate)
     return module

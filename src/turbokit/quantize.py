@@ -37,8 +37,9 @@ INSTALL_INT8 = "pip install 'turbokit[int8]'"  # = torchao
 KEPT_LINEARS = ("time_embedding", "time_emb_proj", "add_embedding")  # see the module docstring
 
 
-def check_quantize(method: str | None, device: torch.device) -> None:
-    """Fail early, before any model loads, when `method` cannot run on `device` or its library is missing."""
+def check_quantize(method: str | None, device: torch.device, compile: str | None = None) -> None:
+    """Fail early, before any model loads, when `method` cannot run on `device` or its library is missing.
+    With `compile="openvino"` the int8 model comes from NNCF instead (`turbokit.openvino_backend`)."""
     if method is None:
         return
     if method not in QUANTIZE_METHODS:
@@ -47,7 +48,8 @@ def check_quantize(method: str | None, device: torch.device) -> None:
         raise TurbokitError(
             f"--quantize int8 runs on the CPU only, not {device.type}: add --device cpu or leave out --quantize"
         )
-    _check_torchao()
+    if compile != "openvino":
+        _check_torchao()
 
 
 def _check_torchao() -> None:
