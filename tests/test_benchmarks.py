@@ -76,6 +76,17 @@ def test_inference_benchmark_compiled_rows_with_parts(tmp_path, monkeypatch):
     assert len(list(tmp_path.rglob("*.xml"))) == 3  # UNet, VAE decoder and tiny decoder in OpenVINO IR
 
 
+def test_throughput_benchmark_reports_each_batch(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_throughput.py"), "--tiny", "--device", "cpu"]
+    command += ["--batches", "1,2", "--calls", "3", "--warmup", "1", "--json", str(tmp_path / "out.json")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["images_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] > 0 for r in rows)
+    assert "| 2 |" in proc.stdout and "best:" in proc.stdout
+
+
 def test_warm_start_benchmark_launches_cold_and_warm(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_warm_start.py"), "--tiny", "--modes", "eager"]
     command += ["--images", "1", "--cache-dir", str(tmp_path)]

@@ -36,7 +36,8 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     digest = hashlib.sha256(type(module).__qualname__.encode())
     config = getattr(module, "config", None)
     if config is not None:  # not its bookkeeping: `_name_or_path` differs with how the same folder was named
-        kept = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers' or diffusers'
+        kept = {k: v for k, v in items.items() if not k.startswith("_")}
         digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         flat = tensor.detach().reshape(-1)

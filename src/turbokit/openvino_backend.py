@@ -165,6 +165,8 @@ class OpenVinoDispatcher:
         xml, spec_file = self.folder / f"{key}.xml", self.folder / f"{key}.json"
         if not (xml.is_file() and spec_file.is_file()):
             self._convert(xml, spec_file, args, kwargs)
+            if self.load is not None:  # its weights can be read again for another shape: free them meanwhile
+                self.module.to("meta")
         if self.quantize == "int8":
             xml = self._int8(key, xml, args, kwargs)
         start = time.perf_counter()
@@ -198,7 +200,9 @@ class OpenVinoDispatcher:
             # transformer patterns: attention's activation × activation products get int8 inputs too; SmoothQuant
             # off (it moves activation outliers into weights, and measured worse on this UNet)
             model_type=nncf.ModelType.TRANSFORMER,
-            advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)
+            ),
         )
         partial = int8.with_name(f"{int8.stem}.partial-{os.getpid()}.xml")
         self.ov.save_model(model, str(partial), compress_to_fp16=False)

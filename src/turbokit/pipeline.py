@@ -160,6 +160,8 @@ class TurboPipeline:
                 )
                 for name, module in decoders.items():
                     compile_openvino(module, cache, name, precision.vae)
+                for i, encoder in enumerate(self.text_encoders):
+                    compile_openvino(encoder, cache, f"text-encoder-{i + 1}", precision.compute)
             else:
                 for module in (self.unet, *decoders.values(), *self.text_encoders):
                     compile_module(module, device, compile)
