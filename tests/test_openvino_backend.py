@@ -49,6 +49,7 @@ def test_bf16_within_rounding_and_converted_once(tiny_models, cache, monkeypatch
     cold = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="bf16", compile="openvino")
     assert not next(cold.unet.parameters()).is_meta  # nothing converted yet: the weights are read
     first = cold(["a red circle"], **kwargs)
+    assert cold.encode(["a cat"]).embeds.dtype == torch.bfloat16  # as eager: the UNet's cache key depends on it
     assert next(cold.unet.parameters()).is_meta  # converted: the eager copy is freed (it can be read again)
     rounding = (eager - reference).abs().mean()
     assert (first.pixels - reference).abs().mean() < 3 * rounding + 1 / 255

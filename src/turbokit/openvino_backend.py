@@ -152,10 +152,10 @@ class OpenVinoDispatcher:
                 self.loaded[key] = self._load_or_convert(key, args, kwargs)
             request, out_spec = self.loaded[key]
         outputs = request.infer(inputs, share_inputs=True)
-        like = next((t for t in tensors if t.is_floating_point()), None)
         results = [torch.from_numpy(np.array(outputs[i])) for i in range(len(outputs))]
-        if like is not None:  # eager returns the input's dtype; OpenVINO's outputs are fp32
-            results = [r.to(like.dtype) if r.is_floating_point() else r for r in results]
+        # OpenVINO's outputs are fp32; eager ones are in the module's dtype, which the next module's call
+        # signature (and so its cache key) depends on
+        results = [r.to(self.dtype) if r.is_floating_point() else r for r in results]
         return pytree.tree_unflatten(results, out_spec)
 
     def _out_spec(self, key: str) -> pytree.TreeSpec:
