@@ -24,7 +24,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -106,57 +105,6 @@ def converted_before(model: str | Path, cache: Path, name: str = "unet") -> bool
     return any(ir_folder(cache, name, folder_fingerprint(folder)).glob("*.xml"))
 
 
-def runtime_config(dtype: torch.dtype, threads: int, cache: Path) -> dict[str, Any]:
-    """How turbokit compiles for OpenVINO's CPU plugin (optimum-intel's settings for a single image)."""
-    return {
-        "INFERENCE_PRECISION_HINT": HINTS[dtype],
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": threads,
-        "CACHE_DIR": str(cache / "compiled"),  # OpenVINO's own cache of optimised blobs: fast second launch
-    }
-
-
-_prefetched: dict[tuple[str, str], Future] = {}  # (model file, config) → its compilation, started early
-_prefetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="turbokit-openvino")
-
-
-def prefetch(folder: Path, quantize: str | None, config: dict[str, Any]) -> None:
-    """Start compiling the model last used in `folder` in the background (OpenVINO compiles without the GIL),
-    so that a warm launch loads it while Python loads the other components; its first call then takes it."""
-    suffix = "-int8.xml" if quantize == "int8" else ".xml"
-    models = [
-        p
-        for p in folder.glob("*.xml")
-        if p.name.endswith(suffix) and (quantize or "-int8" not in p.name) and ".partial-" not in p.name
-    ]
-    if not models:
-        return
-    latest = max(models, key=lambda p: p.stat().st_mtime_ns)
-    key = (str(latest), json.dumps(config, sort_keys=True))
-    if key not in _prefetched:
-        core = require_openvino().Core()
-        _prefetched[key] = _prefetcher.submit(core.compile_model, str(latest), "CPU", config)
-
-
-def prefetch_unet(folder: Path, cache: Path, dtype: torch.dtype, quantize: str | None) -> None:
-    """`prefetch` for a diffusers UNet folder, before the pipeline (and its dispatcher) exists."""
-    prefetch(
-        ir_folder(cache, "unet", folder_fingerprint(folder)),
-        quantize,
-        runtime_config(dtype, torch.get_num_threads(), cache),
-    )
-
-
-def compile_model(xml: Path, config: dict[str, Any]) -> Any:
-    """The compiled model of `xml`: the prefetched one when there is one, else compiled now. Marks `xml` as
-    the last used (its time), which is what the next launch prefetches."""
-    os.utime(xml)
-    future = _prefetched.pop((str(xml), json.dumps(config, sort_keys=True)), None)
-    for other in [k for k in _prefetched if Path(k[0]).parent == xml.parent]:  # another shape was guessed: drop it
-        _prefetched.pop(other).cancel()
-    return future.result() if future is not None else require_openvino().Core().compile_model(str(xml), "CPU", config)
-
-
 class OpenVinoDispatcher:
     """Stands in for `module.forward`: runs the compiled OpenVINO model of each call signature.
 
@@ -183,9 +131,12 @@ class OpenVinoDispatcher:
         self.recording: tuple[str, list[list[np.ndarray]], Any] | None = None  # key, inputs, fp request
         fingerprint = folder_fingerprint(source) if source is not None else weights_fingerprint(module)
         self.folder = ir_folder(cache, name, fingerprint)
-        self.config = runtime_config(dtype, threads, cache)
-        if self.folder.is_dir():
-            prefetch(self.folder, quantize, self.config)
+        self.config = {
+            "INFERENCE_PRECISION_HINT": HINTS[dtype],
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads,
+            "CACHE_DIR": str(cache / "compiled"),  # OpenVINO's own cache of optimised blobs: fast second launch
+        }
         self.loaded: dict[str, tuple[Callable[..., Any], pytree.TreeSpec]] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -219,7 +170,7 @@ class OpenVinoDispatcher:
         if self.quantize == "int8":
             xml = self._int8(key, xml, args, kwargs)
         start = time.perf_counter()
-        compiled = compile_model(xml, self.config)
+        compiled = self.ov.Core().compile_model(str(xml), "CPU", self.config)
         log.info(f"loaded {self.name} into OpenVINO in {time.perf_counter() - start:.2f} s")
         return compiled.create_infer_request(), self._out_spec(key)
 

@@ -31,7 +31,7 @@ from turbokit.images import fit_size, pil_to_tensor, resize, tensor_to_pil
 from turbokit.loading import LoadedModel, load_model, load_tiny_vae, vae_config
 from turbokit.metadata import GenerationParameters
 from turbokit.models import default_model
-from turbokit.openvino_backend import compile_openvino, converted_before, prefetch_unet
+from turbokit.openvino_backend import compile_openvino, converted_before
 from turbokit.precision import Precision, choose_precision, parse_device
 from turbokit.prompt_cache import PromptCache
 from turbokit.quantize import check_quantize, quantize_unet
@@ -207,8 +207,6 @@ class TurboPipeline:
         precision = choose_precision(device, dtype, force_upcast)
         # a UNet that OpenVINO runs from a converted copy need not be read at all (warm start)
         empty = compile == "openvino" and converted_before(model, cache_root() / "openvino", "unet")
-        if empty:  # and start loading its last-used compiled model while the other components load
-            prefetch_unet(Path(model).expanduser() / "unet", cache_root() / "openvino", precision.compute, quantize)
         loaded = load_model(
             model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae, empty_unet=empty
         )
