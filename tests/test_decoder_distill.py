@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from turbokit import decoder_distill, metrics
 from turbokit.cli import main
 from turbokit.distill.data import build_source
+from turbokit.errors import InvalidRequestError
 from turbokit.loading import load_tiny_vae, load_vae
 from turbokit.pipeline import TurboPipeline
 from turbokit.recipes import training
@@ -169,3 +170,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(model, trained, tmp_path, capsys):
     again = cli(capsys, "distill-decoder", model, "--data", images, "--output-dir", trained, *TRAINED, "--small")
     assert again[0] == 0
     assert (trained / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_latent_noise_trains_on_the_full_decoders_answers_too(model, tmp_path, monkeypatch):
+    seen = []
+    loss = decoder_distill.decoder_loss
+    monkeypatch.setattr(decoder_distill, "decoder_loss", lambda *a: seen.append(a[3]) or loss(*a))
+    recipe = decoder_distill.DecoderRecipe(**{**FAST.__dict__, "latent_noise": 1.0})
+    data = model.parent / "images"
+    report = decoder_distill.train_decoder(model, data, tmp_path / "noisy", recipe, device="cpu", progress=False)
+    assert len(seen) == FAST.steps and all(pair is not None for pair in seen)
+    latents, targets = seen[0]
+    assert latents.shape[0] == FAST.batch_size // 2 and targets.shape[-1] == FAST.resolution  # decoded pixels
+    vae = load_vae(model, allow_pickle=False, dtype=torch.float32)
+    with torch.no_grad():  # the targets are the full VAE's decode of those very latents
+        expected = vae.decode(latents / vae.config.scaling_factor).sample
+    assert torch.allclose(targets, expected, atol=1e-5)
+    assert 0 < report["tiny_vs_vae_noisy_latents"]["psnr_db"] < 100
+    with pytest.raises(InvalidRequestError, match="--latent-noise"):
+        decoder_distill.DecoderRecipe(latent_noise=-1.0).check()

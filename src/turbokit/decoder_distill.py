@@ -63,6 +63,10 @@ class DecoderRecipe:
     heldout: int = 8
     """Images kept out of training for the report."""
     seed: int = 0
+    latent_noise: float = 0.0
+    """Largest std of the Gaussian noise added to the latents of half of each batch, whose targets are then
+    the full VAE's decode of the noisy latents: the full decoder's answer off the encoder's distribution,
+    where a 1-step model's samples lie (docs/decoder.md). 0: images only, as TAESD."""
 
     def check(self) -> None:
         for name, value in (
@@ -80,6 +84,8 @@ class DecoderRecipe:
             raise InvalidRequestError(f"--resolution must be at least {MIN_RESOLUTION}, got {self.resolution}")
         if self.seed < 0:
             raise InvalidRequestError(f"--seed must not be negative, got {self.seed}")
+        if not (math.isfinite(self.latent_noise) and self.latent_noise >= 0):
+            raise InvalidRequestError(f"--latent-noise must be a number ≥ 0, got {self.latent_noise}")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -136,11 +142,30 @@ def pyramid_l1(x: torch.Tensor, y: torch.Tensor, levels: int = PYRAMID_LEVELS) -
     return torch.stack(terms).mean()
 
 
-def decoder_loss(tiny: AutoencoderTiny, pixels: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-    """TAESD's two regressions: encoder(image) → the VAE's latents, decoder(the VAE's latents) → the image."""
+def decoder_loss(
+    tiny: AutoencoderTiny,
+    pixels: torch.Tensor,
+    latents: torch.Tensor,
+    decoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """TAESD's two regressions: encoder(image) → the VAE's latents, decoder(the VAE's latents) → the image;
+    `decoded` adds (latents, the full VAE's decode of them) pairs to the decoder's regression."""
     encoder = F.mse_loss(tiny.encode(pixels).latents.float(), latents)
-    decoder = pyramid_l1(tiny.decode(latents).sample.float(), pixels)
+    inputs, targets = latents, pixels
+    if decoded is not None:
+        inputs, targets = torch.cat([latents, decoded[0]]), torch.cat([pixels, decoded[1]])
+    decoder = pyramid_l1(tiny.decode(inputs).sample.float(), targets)
     return {"loss": encoder + decoder, "encoder": encoder, "decoder": decoder}
+
+
+@torch.no_grad()
+def noisy_pairs(
+    vae: AutoencoderKL, latents: torch.Tensor, sigma: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents with Gaussian noise of a random std in [0, sigma] each, and the full VAE's decode of them."""
+    scale = torch.rand(len(latents), 1, 1, 1, generator=generator) * sigma
+    noisy = latents + scale.to(latents.device) * torch.randn(latents.shape, generator=generator).to(latents.device)
+    return noisy, vae.decode(from_latent_space(noisy, vae.config).to(vae.dtype)).sample.float()
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -151,10 +176,12 @@ def _scores(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(tiny: AutoencoderTiny, vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 8) -> dict:
+def evaluate(
+    tiny: AutoencoderTiny, vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 8, latent_noise: float = 0.0
+) -> dict:
     """The tiny decoder against the full VAE's decode and the original images, both decoders fed the same
-    latents; the full VAE against the originals (the tiny one's ceiling); the encoder's latent error; and
-    how long each decoder takes per image."""
+    latents; the full VAE against the originals (the tiny one's ceiling); the encoder's latent error; how
+    long each decoder takes per image; and with `latent_noise`, the two decoders on noisy latents."""
     device = next(tiny.parameters()).device
 
     def full_decode(z: torch.Tensor) -> torch.Tensor:
@@ -179,7 +206,18 @@ def evaluate(tiny: AutoencoderTiny, vae: AutoencoderKL, pixels: torch.Tensor, ba
         encoded.append(tiny.encode(batch.to(tiny.dtype)).latents.float().cpu())
         latents.append(z.cpu())
     originals, full, fast = torch.cat(originals), torch.cat(full), torch.cat(fast)
+    noisy = {}
+    if latent_noise > 0:
+        generator = torch.Generator().manual_seed(0)
+        pairs = [
+            noisy_pairs(vae, torch.cat(latents)[i : i + batch_size].to(device), latent_noise, generator)
+            for i in range(0, len(pixels), batch_size)
+        ]
+        off = torch.cat([tiny_decode(z).float().cpu() for z, _ in pairs])
+        reference = torch.cat([target.cpu() for _, target in pairs])
+        noisy = {"tiny_vs_vae_noisy_latents": _scores((off / 2 + 0.5).clamp(0, 1), (reference / 2 + 0.5).clamp(0, 1))}
     return {
+        **noisy,
         "tiny_vs_vae": _scores(fast, full),
         "tiny_vs_images": _scores(fast, originals),
         "vae_vs_images": _scores(full, originals),
@@ -329,8 +367,13 @@ def train_decoder(
             set_lr(optimizer, recipe.lr, warmup_cosine(step, recipe.steps, min(100, recipe.steps // 10)))
             pixels = next(loader).pixels.to(target)
             latents = vae_latents(vae, pixels)
+            decoded = None
+            if recipe.latent_noise > 0:  # seeded by the step: a resumed run draws the same noise
+                generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+                half = latents[len(latents) // 2 :]
+                decoded = noisy_pairs(vae, half, recipe.latent_noise, generator)
             with torch.autocast(target.type, torch.bfloat16, enabled=autocast):
-                losses = decoder_loss(tiny, pixels, latents)
+                losses = decoder_loss(tiny, pixels, latents, decoded)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(tiny.parameters(), 1.0)
@@ -349,7 +392,7 @@ def train_decoder(
         "parameters": {"tiny_decoder": _count(tiny.decoder), "vae_decoder": _count(vae.decoder)},
         "heldout_images": len(heldout_pixels),
         "loss": {"first": run.history[0]["loss"], "last": run.latest.get("loss", run.history[-1]["loss"])},
-        **evaluate(tiny, vae, heldout_pixels, recipe.batch_size),
+        **evaluate(tiny, vae, heldout_pixels, recipe.batch_size, recipe.latent_noise),
     }
     tiny.save_pretrained(output)
     (output / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -382,6 +425,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--heldout", type=int, default=d.heldout, help="images kept for the report (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="initial weights and batch order (default: %(default)s)")
+    p.add_argument(
+        "--latent-noise",
+        type=float,
+        default=d.latent_noise,
+        help="also learn the full VAE's decode of latents with noise up to this std (half of each batch): for "
+        "models whose samples are off the encoder's distribution, e.g. 1-step students (default: %(default)s)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument(
         "--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="bf16 autocast (default: on CUDA only)"
@@ -400,6 +450,7 @@ def run(args: argparse.Namespace) -> None:
         depth=SMALL_DEPTH if args.small else TAESD_DEPTH,
         heldout=args.heldout,
         seed=args.seed,
+        latent_noise=args.latent_noise,
     )
     report = train_decoder(
         args.model,
