@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from turbokit import cli
+from turbokit import cli, metrics
+from turbokit.loading import tiny_vae_location
 from turbokit.models import SHAPES_EVALUATOR, SHAPES_TURBO, default_model
 from turbokit.pipeline import TurboPipeline
 from turbokit.recipes.evaluator import ShapesEvaluator, per_attribute_accuracy, predict
@@ -84,3 +85,19 @@ def test_it_loads_in_diffusers_and_gives_the_same_image():
     got = ours(PROMPTS[:1], steps=1, seed=7).pixels
     assert expected.shape == got.shape == (1, 3, 64, 64)
     assert (expected - got.float()).abs().max() < 2 / 255
+
+
+def test_the_shipped_tiny_decoder_follows_the_full_one(evaluator, tmp_path, monkeypatch):
+    """`--decoder tiny` on the default model: its tiny decoder on the student's own latents (not on encoded
+    images, where it is easy), against the full VAE's images and by the evaluator's judgement."""
+    full = TurboPipeline.from_pretrained(SHAPES_TURBO)
+    tiny = TurboPipeline.from_pretrained(SHAPES_TURBO, tiny_vae=tiny_vae_location(SHAPES_TURBO, "tiny", None))
+    prompts = PROMPTS * 4
+    seeds = list(range(len(prompts)))
+    reference, fast = full(prompts, steps=1, seed=seeds).pixels, tiny(prompts, steps=1, seed=seeds).pixels
+    assert metrics.psnr(fast, reference).median() >= 18  # measured 22.4 dB (docs/decoder.md)
+    scores = per_attribute_accuracy(predict(evaluator, fast), prompts)
+    assert scores["background"] >= BACKGROUND_FLOOR and scores["colour"] >= COLOUR_FLOOR, scores
+    monkeypatch.delenv("TURBOKIT_MODEL", raising=False)
+    assert cli.main(["generate", "a red circle", "--decoder", "tiny", "-o", str(tmp_path / "t.png"), "-q"]) == 0
+    assert Image.open(tmp_path / "t.png").size == (64, 64)

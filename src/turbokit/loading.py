@@ -17,6 +17,7 @@ import accelerate
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from turbokit.errors import InvalidRequestError, ModelNotFoundError, TurbokitError
@@ -202,7 +203,14 @@ def load_tiny_vae(path: str | Path, dtype: torch.dtype) -> AutoencoderTiny:
     config = json.loads((folder / "config.json").read_text())
     if config.get("_class_name") != "AutoencoderTiny":
         raise ModelNotFoundError(f"--tiny-vae {path}: expected an AutoencoderTiny, found {config.get('_class_name')}")
-    return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype)
+    # diffusers' AutoencoderTiny writes `block_out_channels` into every config it saves and then warns, on
+    # load, that the key is unexpected: a warning about itself that no user can act on
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def tiny_vae_location(model: str | Path, decoder: str | None, tiny_vae: str | Path | None) -> str | Path | None:
