@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from turbokit import decoder_distill, metrics
 from turbokit.cli import main
 from turbokit.distill.data import build_source
-from turbokit.errors import InvalidRequestError
+from turbokit.errors import InvalidRequestError, TurbokitError
 from turbokit.loading import load_tiny_vae, load_vae
 from turbokit.pipeline import TurboPipeline
 from turbokit.recipes import training
@@ -189,3 +190,14 @@ def test_latent_noise_trains_on_the_full_decoders_answers_too(model, tmp_path, m
     assert 0 < report["tiny_vs_vae_noisy_latents"]["psnr_db"] < 100
     with pytest.raises(InvalidRequestError, match="--latent-noise"):
         decoder_distill.DecoderRecipe(latent_noise=-1.0).check()
+
+
+def test_a_run_saved_before_latent_noise_existed_still_resumes(model, tmp_path):
+    data = model.parent / "images"
+    settings = {"model": str(model), "data": str(data), **FAST.__dict__}
+    (tmp_path / "old" / "training").mkdir(parents=True)
+    old = {k: v for k, v in settings.items() if k != "latent_noise"}  # as the run was saved then
+    (tmp_path / "old" / "training" / "settings.json").write_text(json.dumps(old))
+    decoder_distill._check_output(tmp_path / "old", settings)  # its default: the same run
+    with pytest.raises(TurbokitError, match=re.escape("latent_noise 0.0 → 1.0")):
+        decoder_distill._check_output(tmp_path / "old", settings | {"latent_noise": 1.0})

@@ -298,7 +298,8 @@ def _check_output(output: Path, settings: dict) -> None:
     """OUTPUT must be new, empty, or this very run (to resume); anything else is someone's files."""
     saved = output / "training" / "settings.json"
     if saved.is_file():
-        previous = json.loads(saved.read_text(encoding="utf-8"))
+        # a run saved before a setting existed ran with its default
+        previous = asdict(DecoderRecipe()) | json.loads(saved.read_text(encoding="utf-8"))
         changed = [f"{k} {previous.get(k)!r} → {v!r}" for k, v in settings.items() if previous.get(k) != v]
         if changed:
             raise TurbokitError(
