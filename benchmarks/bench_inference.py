@@ -48,6 +48,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline, U
 from diffusers.schedulers import EulerDiscreteScheduler
 from diffusers.utils import logging as diffusers_logging
 from peak_rss import PeakRSS
+from timing import time_forward
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from turbokit.compile import COMPILE_MODES
@@ -106,25 +107,12 @@ def time_parts(pipe: TurboPipeline) -> dict[str, float]:
     """Wrap the pipeline's text encoders, UNet and decoders so that each call's seconds per component add up in
     the returned dict. Not for torch.compile's modes: the wrapper would be traced into the graph."""
     seconds: dict[str, float] = {}
-
-    def wrap(name: str, module: torch.nn.Module) -> None:
-        forward = module.forward  # the class's, or an instance's dispatcher (aot, openvino)
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-
-        module.forward = timed
-
     for encoder in pipe.text_encoders:
-        wrap("text_encoder", encoder)
-    wrap("unet", pipe.unet)
-    wrap("vae_decode", pipe.vae.decoder)
+        time_forward(encoder, "text_encoder", seconds)
+    time_forward(pipe.unet, "unet", seconds)
+    time_forward(pipe.vae.decoder, "vae_decode", seconds)
     if pipe.tiny_vae is not None:
-        wrap("vae_decode", pipe.tiny_vae.decoder)
+        time_forward(pipe.tiny_vae.decoder, "vae_decode", seconds)
     return seconds
 
 

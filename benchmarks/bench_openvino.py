@@ -36,6 +36,7 @@ from optimum.intel import OVDiffusionPipeline
 from peak_rss import PeakRSS
 from safetensors import safe_open
 from safetensors.torch import save_file
+from timing import time_forward
 from transformers.utils import logging as transformers_logging
 
 PRECISIONS = ("bf16", "f16", "f32")  # INFERENCE_PRECISION_HINT values
@@ -129,20 +130,8 @@ def load(ir_dir: Path, size: int, precision: str, threads: int) -> OVDiffusionPi
 def time_components(pipe: OVDiffusionPipeline) -> dict[str, float]:
     """Wrap each component's forward so that its seconds add up in the returned dict (reset it per call)."""
     seconds = dict.fromkeys(COMPONENTS, 0.0)
-
-    def timed(name: str, forward):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                seconds[name] += time.perf_counter() - start
-
-        return wrapper
-
     for name, attribute in COMPONENTS.items():
-        component = getattr(pipe, attribute)
-        component.forward = timed(name, component.forward)
+        time_forward(getattr(pipe, attribute), name, seconds)
     return seconds
 
 

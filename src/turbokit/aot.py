@@ -30,15 +30,19 @@ from torch.utils import _pytree as pytree
 log = logging.getLogger(__name__)
 
 
+def config_identity(config: dict[str, Any]) -> bytes:
+    """A config's settings as bytes to hash, without its bookkeeping (`_name_or_path` differs with how the same
+    folder was named; `_diffusers_version` with the library that saved it)."""
+    return json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode()
+
+
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A cheap identity of a module's weights: class, config, every tensor's name, shape and dtype, and a
     strided sample of its values. Hashing gigabytes at each launch would cost more than the warm start."""
     digest = hashlib.sha256(type(module).__qualname__.encode())
     config = getattr(module, "config", None)
-    if config is not None:  # not its bookkeeping: `_name_or_path` differs with how the same folder was named
-        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers' or diffusers'
-        kept = {k: v for k, v in items.items() if not k.startswith("_")}
-        digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
+    if config is not None:
+        digest.update(config_identity(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
     for name, tensor in module.state_dict().items():
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().contiguous()

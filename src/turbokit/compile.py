@@ -51,9 +51,9 @@ def check_compile(mode: str | None, device: torch.device | None = None, quantize
         raise TurbokitError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
     if mode == "aot" and device is not None and device.type not in ("cpu", "cuda"):
         raise TurbokitError(f"--compile aot runs on cpu or cuda, not {device.type}: use --compile default")
-    if mode == "openvino" and device is not None and device.type != "cpu":
-        raise TurbokitError(f"--compile openvino runs on the cpu, not {device.type}: use --compile default or aot")
     if mode == "openvino":
+        if device is not None and device.type != "cpu":
+            raise TurbokitError(f"--compile openvino runs on the cpu, not {device.type}: use --compile default or aot")
         from turbokit.openvino_backend import require_nncf, require_openvino
 
         require_openvino()

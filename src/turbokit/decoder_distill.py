@@ -209,10 +209,7 @@ def evaluate(
     noisy = {}
     if latent_noise > 0:
         generator = torch.Generator().manual_seed(0)
-        pairs = [
-            noisy_pairs(vae, torch.cat(latents)[i : i + batch_size].to(device), latent_noise, generator)
-            for i in range(0, len(pixels), batch_size)
-        ]
+        pairs = [noisy_pairs(vae, z.to(device), latent_noise, generator) for z in latents]
         off = torch.cat([tiny_decode(z).float().cpu() for z, _ in pairs])
         reference = torch.cat([target.cpu() for _, target in pairs])
         noisy = {"tiny_vs_vae_noisy_latents": _scores((off / 2 + 0.5).clamp(0, 1), (reference / 2 + 0.5).clamp(0, 1))}

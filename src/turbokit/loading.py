@@ -114,7 +114,6 @@ def load_folder(
     if empty_unet:
         with accelerate.init_empty_weights():
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root, subfolder="unet"))
-        unet = unet.to(dtype)
     else:
         unet = load_unet()
     text_encoder = _load_part(CLIPTextModel, root, "text_encoder", allow_pickle, dtype)
@@ -131,8 +130,11 @@ def load_folder(
             CLIPTextModelWithProjection, root, "text_encoder_2", allow_pickle, dtype
         )
         components["tokenizer_2"] = _tokenizer(root, "tokenizer_2", PAD_OPENCLIP)
-    extra = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True), "load_unet": load_unet}
-    extra["unet_folder"] = root / "unet"
+    extra = {
+        "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
+        "load_unet": load_unet,
+        "unet_folder": root / "unet",
+    }
     return LoadedModel(family, components, root.name, extra)
 
 

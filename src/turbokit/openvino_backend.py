@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from turbokit.aot import call_signature, weights_fingerprint
+from turbokit.aot import call_signature, config_identity, weights_fingerprint
 from turbokit.errors import TurbokitError
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,7 @@ def folder_fingerprint(folder: Path) -> str:
     """The identity of a diffusers component folder read from its files, not its tensors: the config (without
     bookkeeping such as `_name_or_path`) and each weights file's name, size and modification time. It lets a
     warm launch find its converted model without reading gigabytes of weights."""
-    config = json.loads((folder / "config.json").read_text())
-    digest = hashlib.sha256(
-        json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True).encode()
-    )
+    digest = hashlib.sha256(config_identity(json.loads((folder / "config.json").read_text())))
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != "config.json":
             stat = path.stat()
@@ -128,7 +125,8 @@ class OpenVinoDispatcher:
         self.ov = require_openvino()
         self.module, self.name, self.dtype, self.load = module, name, dtype, load
         self.quantize, self.calibrate = quantize, calibrate
-        self.recording: tuple[str, list[list[np.ndarray]], Any] | None = None  # key, inputs, fp request
+        # while calibrating: key, recorded inputs, the fp model's request, its output structure
+        self.recording: tuple[str, list[list[np.ndarray]], Any, pytree.TreeSpec] | None = None
         fingerprint = folder_fingerprint(source) if source is not None else weights_fingerprint(module)
         self.folder = ir_folder(cache, name, fingerprint)
         self.config = {
@@ -144,9 +142,8 @@ class OpenVinoDispatcher:
         tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
         inputs = [_to_numpy(t) for t in tensors]
         if self.recording is not None and self.recording[0] == key:  # calibrating int8: the fp model, recorded
-            _, recorded, request = self.recording
+            _, recorded, request, out_spec = self.recording
             recorded.append([a.copy() for a in inputs])
-            out_spec = self._out_spec(key)
         else:
             if key not in self.loaded:
                 self.loaded[key] = self._load_or_convert(key, args, kwargs)
@@ -186,7 +183,7 @@ class OpenVinoDispatcher:
         start = time.perf_counter()
         log.info(f"calibrating {self.name} for int8 at this shape (once; cached in {self.folder})")
         fp = self.ov.Core().compile_model(str(xml), "CPU", self.config).create_infer_request()
-        self.recording = (key, [], fp)
+        self.recording = (key, [], fp, self._out_spec(key))
         try:
             self.calibrate(args, kwargs)
             samples = self.recording[1]
