@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,7 @@ def test_inference_benchmark_interleaves_openvino(openvino_cache):
     cache, out = openvino_cache
     assert "exported to IR" in out
     assert "(optimum-intel) |" in out and "median s per component: text_encoder" in out
-    assert "turbokit default vs OpenVINO" in out
+    assert re.search(r"turbokit default \(\w+\) vs OpenVINO at \w+: [\d.]+x faster", out)
     assert (cache / "tiny-sd2" / "model_index.json").is_file() and (cache / "tiny-sd2-openvino").is_dir()
 
 
