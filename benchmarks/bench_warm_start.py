@@ -25,8 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def child(folder: str, mode: str, size: int, steps: int, images: int) -> None:
-    """One launch: load, first image, then `images` more; prints a JSON line."""
+def child(folder: str, mode: str, size: int, steps: int, images: int, prefetch: bool) -> None:
+    """One launch: load, first image, then `images` more; prints a JSON line. With `--compile openvino` it starts,
+    as the CLI does, by prefetching what the last launch compiled (`turbokit.openvino_warm`)."""
+    if mode == "openvino" and prefetch:
+        from turbokit import openvino_warm
+
+        openvino_warm.start(folder)
     from turbokit.pipeline import TurboPipeline
 
     pipe = TurboPipeline.from_pretrained(folder, compile=None if mode == "eager" else mode)
@@ -40,9 +45,11 @@ def child(folder: str, mode: str, size: int, steps: int, images: int) -> None:
     print(json.dumps({"first_image_at": first, "image_s": statistics.median(seconds)}), flush=True)
 
 
-def launch(folder: Path, mode: str, size: int, steps: int, images: int, cache: Path) -> dict[str, float]:
+def launch(
+    folder: Path, mode: str, size: int, steps: int, images: int, cache: Path, prefetch: bool
+) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", str(folder), "--modes", mode, "--size", str(size)]
-    command += ["--steps", str(steps), "--images", str(images)]
+    command += ["--steps", str(steps), "--images", str(images)] + ([] if prefetch else ["--no-prefetch"])
     # a fresh cache per mode: turbokit's root, and inductor's under it (not a directory set by the caller)
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"} | {"TURBOKIT_CACHE": str(cache)}
     started = time.time()
@@ -59,10 +66,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3, help="images after the first, for the steady time")
     parser.add_argument("--tiny", action="store_true", help="a tiny random SD 2.x model instead (smoke run)")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "build" / "bench-warm-start")
+    parser.add_argument("--no-prefetch", action="store_true", help="openvino: without the CLI's background prefetch")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.modes, args.size, args.steps, args.images)
+        return child(args.child, args.modes, args.size, args.steps, args.images, not args.no_prefetch)
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_inference import random_sd_turbo, save_diffusers_folder
@@ -78,8 +86,11 @@ def main() -> None:
     for mode in args.modes.split(","):
         cache = args.cache_dir / f"cache-{mode}"
         shutil.rmtree(cache, ignore_errors=True)
-        for launch_name in ("cold", "warm"):
-            r = launch(folder, mode, size, args.steps, args.images, cache)
+        launches = [("cold", True), ("warm", True)]
+        if mode == "openvino" and not args.no_prefetch:  # the prefetch's worth: the same warm launch without it
+            launches += [("warm, no prefetch", False), ("warm", True)]
+        for launch_name, prefetch in launches:
+            r = launch(folder, mode, size, args.steps, args.images, cache, prefetch and not args.no_prefetch)
             ratio = r["launch_to_image_s"] / r["image_s"]
             row = f"| {mode} | {launch_name} | {r['launch_to_image_s']:.2f} | {r['image_s']:.3f} | {ratio:.1f} |"
             print(row, flush=True)

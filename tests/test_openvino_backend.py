@@ -137,3 +137,55 @@ def test_refusals_are_one_clear_error(tiny_models, monkeypatch, capsys):
     assert main(["generate", "x", "-m", str(tiny_models["sd2"]), "--compile", "openvino", "-q"]) != 0
     err = capsys.readouterr().err
     assert "pip install 'turbokit[openvino]'" in err and "Traceback" not in err
+
+
+def test_a_warm_launch_prefetches_what_the_last_one_compiled(tiny_models, cache):
+    from pathlib import Path
+
+    from turbokit import openvino_warm
+
+    model, kwargs = tiny_models["sd2"], dict(steps=1, seed=[0])
+    first = TurboPipeline.from_pretrained(model, dtype="fp32", compile="openvino")(["a red circle"], **kwargs)
+    record = cache / "launches" / f"{openvino_warm.launch_key(model, 'fp32', None)}.json"
+    compiled = [
+        Path(entry["xml"]).parent.name.split("-ov")[0].rsplit("-", 1)[0] for entry in json.loads(record.read_text())
+    ]
+    assert compiled == ["text-encoder-1", "unet", "vae-decoder"]  # in the order the first image needed them
+
+    # the next launch: compiled in the background before the pipeline exists, then taken by its dispatchers
+    openvino_warm.start(model, "fp32", None).join()
+    assert len(openvino_warm._PREFETCHED) == 3
+    second = TurboPipeline.from_pretrained(model, dtype="fp32", compile="openvino")(["a red circle"], **kwargs)
+    assert not openvino_warm._PREFETCHED  # all three taken
+    assert torch.equal(second.pixels, first.pixels)
+
+    # other options, a missing model or an unreadable record: nothing to prefetch, and no error
+    assert openvino_warm.start(model, "bf16", None) is None
+    entries = json.loads(record.read_text())
+    Path(entries[1]["xml"]).unlink()
+    openvino_warm.start(model, "fp32", None).join()
+    assert len(openvino_warm._PREFETCHED) == 2  # the UNet's IR is gone: it is converted again when needed
+    openvino_warm._PREFETCHED.clear()
+    record.write_text("{not json")
+    assert openvino_warm.start(model, "fp32", None) is None
+
+
+def test_the_cli_starts_the_prefetch_before_the_heavy_imports(tiny_models, cache, tmp_path):
+    import subprocess
+    import sys
+
+    # a fresh process: whether diffusers (and transformers, peft, ...: most of a launch's imports) is loaded yet
+    # when the CLI starts the prefetch
+    probe = (
+        "import sys; from turbokit import openvino_warm; "
+        "openvino_warm.start = lambda *a: print('started', a, 'diffusers' in sys.modules); "
+        "from turbokit.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    out = tmp_path / "x.png"
+    command = [sys.executable, "-c", probe, "generate", "a red circle", "-m", str(tiny_models["sd2"])]
+    command += ["--compile", "openvino", "-o", str(out), "-q"]
+    env = {**os.environ, "TURBOKIT_CACHE": str(cache.parent)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"started ('{tiny_models['sd2']}', 'auto', None) False"
+    assert out.is_file()

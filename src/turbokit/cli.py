@@ -355,6 +355,10 @@ def _configure_logging(quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "compile", None) == "openvino":  # before the heavy imports below: they overlap its work
+        from turbokit import openvino_warm
+
+        openvino_warm.start(args.model or default_model(), args.dtype, args.quantize)
     _configure_logging(getattr(args, "quiet", False))
     try:
         if args.command == "info":

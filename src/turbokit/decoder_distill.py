@@ -26,19 +26,20 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
 from turbokit.distill.data import ResumableLoader, Source, build_source, preprocess
 from turbokit.errors import InvalidRequestError, TurbokitError
-from turbokit.loading import check_model_source, load_vae, vae_config
 from turbokit.metrics import psnr, ssim
-from turbokit.pipeline import from_latent_space, to_latent_space
 from turbokit.precision import parse_device
 from turbokit.recipes.training import StageRun, finished, set_lr, warmup_cosine
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, AutoencoderTiny
 
 log = logging.getLogger("turbokit")
 
@@ -101,6 +102,8 @@ def build_tiny_autoencoder(
     levels = round(math.log2(scale_factor)) + 1
     if 2 ** (levels - 1) != scale_factor:
         raise TurbokitError(f"the VAE scales images by {scale_factor}, not a power of 2: no AutoencoderTiny fits it")
+    from diffusers import AutoencoderTiny
+
     return AutoencoderTiny(
         encoder_block_out_channels=(width,) * levels,
         decoder_block_out_channels=(width,) * levels,
@@ -120,6 +123,8 @@ def vae_scale_factor(config: dict) -> int:
 @torch.no_grad()
 def vae_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     """The UNet-space latents of `pixels` (in [-1, 1]): the encoder's mean, scaled as the pipeline scales it."""
+    from turbokit.pipeline import to_latent_space
+
     return to_latent_space(vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float(), vae.config)
 
 
@@ -163,6 +168,8 @@ def noisy_pairs(
     vae: AutoencoderKL, latents: torch.Tensor, sigma: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents with Gaussian noise of a random std in [0, sigma] each, and the full VAE's decode of them."""
+    from turbokit.pipeline import from_latent_space
+
     scale = torch.rand(len(latents), 1, 1, 1, generator=generator) * sigma
     noisy = latents + scale.to(latents.device) * torch.randn(latents.shape, generator=generator).to(latents.device)
     return noisy, vae.decode(from_latent_space(noisy, vae.config).to(vae.dtype)).sample.float()
@@ -182,6 +189,8 @@ def evaluate(
     """The tiny decoder against the full VAE's decode and the original images, both decoders fed the same
     latents; the full VAE against the originals (the tiny one's ceiling); the encoder's latent error; how
     long each decoder takes per image; and with `latent_noise`, the two decoders on noisy latents."""
+    from turbokit.pipeline import from_latent_space
+
     device = next(tiny.parameters()).device
 
     def full_decode(z: torch.Tensor) -> torch.Tensor:
@@ -323,6 +332,8 @@ def train_decoder(
     `output_dir` and return the report also written to `output_dir/report.json`.
 
     `dtype` "bf16" trains under bf16 autocast ("auto": on CUDA only); the VAE always runs in fp32."""
+    from turbokit.loading import check_model_source, load_vae, vae_config  # diffusers: not at the CLI's start
+
     recipe = recipe or DecoderRecipe()
     recipe.check()
     if dtype not in ("auto", "fp32", "bf16"):

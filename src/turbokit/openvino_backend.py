@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 from turbokit.aot import call_signature, config_identity, weights_fingerprint
 from turbokit.errors import TurbokitError
+from turbokit.openvino_warm import LaunchRecord, take
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,10 @@ class OpenVinoDispatcher:
         load: Callable[[], torch.nn.Module] | None = None,
         quantize: str | None = None,
         calibrate: Callable[[tuple[Any, ...], dict[str, Any]], None] | None = None,
+        record: LaunchRecord | None = None,
     ) -> None:
         self.ov = require_openvino()
-        self.module, self.name, self.dtype, self.load = module, name, dtype, load
+        self.module, self.name, self.dtype, self.load, self.record = module, name, dtype, load, record
         self.quantize, self.calibrate = quantize, calibrate
         # while calibrating: key, recorded inputs, the fp model's request, its output structure
         self.recording: tuple[str, list[list[np.ndarray]], Any, pytree.TreeSpec] | None = None
@@ -167,8 +169,12 @@ class OpenVinoDispatcher:
         if self.quantize == "int8":
             xml = self._int8(key, xml, args, kwargs)
         start = time.perf_counter()
-        compiled = self.ov.Core().compile_model(str(xml), "CPU", self.config)
+        compiled = take(xml, self.config)  # compiled in the background since the launch began, if it was
+        if compiled is None:
+            compiled = self.ov.Core().compile_model(str(xml), "CPU", self.config)
         log.info(f"loaded {self.name} into OpenVINO in {time.perf_counter() - start:.2f} s")
+        if self.record is not None:
+            self.record.add(xml, self.config)
         return compiled.create_infer_request(), self._out_spec(key)
 
     def _int8(self, key: str, xml: Path, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Path:
@@ -267,9 +273,12 @@ def compile_openvino(
     load: Callable[[], torch.nn.Module] | None = None,
     quantize: str | None = None,
     calibrate: Callable[[tuple[Any, ...], dict[str, Any]], None] | None = None,
+    record: LaunchRecord | None = None,
 ) -> torch.nn.Module:
     """Make `module` run OpenVINO models from `cache` (converted at the first call of each signature);
-    `source` and `load`, `quantize` and `calibrate`: see `OpenVinoDispatcher`."""
+    `source` and `load`, `quantize` and `calibrate`: see `OpenVinoDispatcher`; `record` notes each model
+    compiled, for the next launch to prefetch (`turbokit.openvino_warm`)."""
     threads = torch.get_num_threads()
-    module.forward = OpenVinoDispatcher(module, cache, name, dtype, threads, source, load, quantize, calibrate)
+    dispatcher = OpenVinoDispatcher(module, cache, name, dtype, threads, source, load, quantize, calibrate, record)
+    module.forward = dispatcher
     return module

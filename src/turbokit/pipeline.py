@@ -32,6 +32,7 @@ from turbokit.loading import LoadedModel, load_model, load_tiny_vae, vae_config
 from turbokit.metadata import GenerationParameters
 from turbokit.models import default_model
 from turbokit.openvino_backend import compile_openvino, converted_before
+from turbokit.openvino_warm import LaunchRecord, launch_key
 from turbokit.precision import Precision, choose_precision, parse_device
 from turbokit.prompt_cache import PromptCache
 from turbokit.quantize import check_quantize, quantize_unet
@@ -123,7 +124,10 @@ class TurboPipeline:
         tiny_vae: AutoencoderTiny | None = None,
         quantize: str | None = None,
         compile: str | None = None,
+        launch: str | None = None,
     ) -> None:
+        """`launch`: with compile="openvino", the key (`openvino_warm.launch_key`) under which the OpenVINO
+        models compiled are recorded, for the next launch with that key to prefetch."""
         c = model.components
         self.model_name = model.name
         self.family_name = model.family
@@ -154,14 +158,15 @@ class TurboPipeline:
                     compile_ahead(module, cache_root() / "aot", name)
             elif compile == "openvino":
                 cache = cache_root() / "openvino"
+                record = None if launch is None else LaunchRecord(cache, launch)
                 folder, load = model.extra.get("unet_folder"), model.extra.get("load_unet")
                 compile_openvino(
-                    self.unet, cache, "unet", precision.compute, folder, load, quantize, self._calibrate_unet
+                    self.unet, cache, "unet", precision.compute, folder, load, quantize, self._calibrate_unet, record
                 )
                 for name, module in decoders.items():
-                    compile_openvino(module, cache, name, precision.vae)
+                    compile_openvino(module, cache, name, precision.vae, record=record)
                 for i, encoder in enumerate(self.text_encoders):
-                    compile_openvino(encoder, cache, f"text-encoder-{i + 1}", precision.compute)
+                    compile_openvino(encoder, cache, f"text-encoder-{i + 1}", precision.compute, record=record)
             else:
                 for module in (self.unet, *decoders.values(), *self.text_encoders):
                     compile_module(module, device, compile)
@@ -211,7 +216,8 @@ class TurboPipeline:
             model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae, empty_unet=empty
         )
         decoder = None if tiny_vae is None else load_tiny_vae(tiny_vae, precision.vae)
-        return cls(loaded, device, precision, decoder, quantize, compile)
+        launch = launch_key(model, dtype, quantize) if compile == "openvino" else None
+        return cls(loaded, device, precision, decoder, quantize, compile, launch)
 
     # ------------------------------------------------------------------ sampling
 
