@@ -177,3 +177,23 @@ def test_cli_eval_and_errors(root, capsys):
     assert main(["eval", "x", "--evaluator", str(evaluator), "--steps", "one"]) == 2
     assert main(["recipe", "shapes", "--stage", "teacher", "--root", str(root / "nowhere"), "-q"]) == 2
     assert "has not finished" in capsys.readouterr().err
+
+
+def test_hard_negatives_make_the_contrastive_loss_harder_and_are_reported(root):
+    from turbokit.recipes.clip import ShapesCLIP, hard_negatives, tokenize
+    from turbokit.recipes.shapes import NEGATIVE_KINDS
+    from turbokit.recipes.training import shapes_batch
+    from turbokit.tokenizer import PAD_OPENCLIP, clip_tokenizer
+
+    summary = json.loads((root / "text" / "done.json").read_text())["test_true_over_false_caption"]
+    assert set(summary) <= set(NEGATIVE_KINDS) and all(0 <= v <= 1 for v in summary.values())
+    torch.manual_seed(0)
+    model, tokenizer = ShapesCLIP().eval(), clip_tokenizer(PAD_OPENCLIP)
+    pixels, captions = shapes_batch("train", 3, 8, seed=1)
+    negatives, kinds = hard_negatives("train", 3, 8, 1, per_image=2)
+    assert len(negatives) == 16 and set(kinds) <= set(NEGATIVE_KINDS)
+    assert hard_negatives("train", 3, 8, 1, per_image=2) == (negatives, kinds)  # drawn from (seed, step) alone
+    with torch.no_grad():
+        plain, _ = model.loss(pixels, tokenize(tokenizer, captions))
+        harder, _ = model.loss(pixels, tokenize(tokenizer, captions), tokenize(tokenizer, negatives))
+    assert harder > plain  # more wrong answers to rule out

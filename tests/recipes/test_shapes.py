@@ -18,6 +18,7 @@ from turbokit.recipes.shapes import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT_PAIRS,
+    NEGATIVE_KINDS,
     POSITIONS,
     RELATIONS,
     SHAPES,
@@ -26,6 +27,7 @@ from turbokit.recipes.shapes import (
     ShapeObject,
     ShapesSource,
     example,
+    false_caption,
     parse_caption,
     parse_shapes_uri,
     render,
@@ -222,3 +224,24 @@ def test_the_evaluator_split_covers_the_held_out_pairs_too():
 
     seen = {(o.shape, o.colour) for i in range(1500) for o in example("evaluator", i)[0].objects}
     assert seen >= HELD_OUT_PAIRS
+
+
+def test_a_false_caption_changes_one_attribute_and_is_false_of_its_scene() -> None:
+    from turbokit.recipes.evaluator import alignment
+
+    rng, kinds = np.random.default_rng(0), set()
+    for scene, text in _scenes("train", 600):
+        assert alignment(scene.labels(), text)  # the reference: the caption is true of its own labels
+        negative, kind = false_caption(scene, text, rng)
+        kinds.add(kind)
+        assert not alignment(scene.labels(), negative), (text, negative)
+        said, changed = parse_caption(text), parse_caption(negative)
+        assert len(said["objects"]) == len(changed["objects"])  # same words, one of them changed
+        if kind != "binding":  # one phrase changed: what is left once the common start and end are cut
+            a, b = text.split(), negative.split()
+            start = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+            end = next(i for i, (x, y) in enumerate(zip(a[::-1], b[::-1], strict=False)) if x != y)
+            assert max(len(a), len(b)) - start - end <= 5, (text, negative)  # "in the top left corner"
+        # no grammar gives a negative away: its articles are the ones a true caption would have
+        assert " a a" not in negative and " a o" not in negative and " an b" not in negative, negative
+    assert kinds == set(NEGATIVE_KINDS)

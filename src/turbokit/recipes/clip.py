@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,10 +22,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Con
 
 from turbokit.compat import save_pretrained
 from turbokit.distill.feature_networks import IMAGENET_MEAN, IMAGENET_STD
+from turbokit.recipes.shapes import NEGATIVE_KINDS, example, false_caption
 from turbokit.recipes.training import StageRun, finished, set_lr, shapes_batch, warmup_cosine
 from turbokit.tokenizer import PAD_OPENCLIP, clip_tokenizer
 
 TEXT_WIDTH = 64
+NEGATIVES_PER_IMAGE = 2  # hard-negative captions per image in training (`hard_negatives`)
 EMBED_DIM = 64
 
 
@@ -81,12 +84,33 @@ class ShapesCLIP(nn.Module):
         values = ((pixels + 1) / 2 - self.mean) / self.std
         return F.normalize(self.vision_projection(self.vision(values).pooler_output), dim=-1)
 
-    def loss(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLIP's symmetric cross-entropy, and the image→text retrieval accuracy within the batch."""
-        logits = self.logit_scale.exp().clamp(max=100) * self.embed_images(pixels) @ self.embed_text(input_ids).T
+    def loss(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, negative_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's symmetric cross-entropy, and the image→text retrieval accuracy within the batch. `negative_ids`:
+        hard-negative captions, extra wrong answers for every image (the text→image direction has none)."""
+        images, scale = self.embed_images(pixels), self.logit_scale.exp().clamp(max=100)
+        logits = scale * images @ self.embed_text(input_ids).T
+        to_text = logits
+        if negative_ids is not None:
+            to_text = torch.cat([logits, scale * images @ self.embed_text(negative_ids).T], 1)
         labels = torch.arange(len(logits))
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        return loss, (logits.argmax(1) == labels).float().mean()
+        loss = (F.cross_entropy(to_text, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return loss, (to_text.argmax(1) == labels).float().mean()
+
+
+def hard_negatives(split: str, step: int, batch_size: int, seed: int, per_image: int) -> tuple[list[str], list[str]]:
+    """`per_image` false captions (`shapes.false_caption`) of each scene of `shapes_batch(split, step, batch_size,
+    seed=seed)`, image by image, and the kind of each (a caption that offers no change gives none)."""
+    rng = np.random.default_rng((seed, step, 7))
+    captions, kinds = [], []
+    for index in range(step * batch_size, (step + 1) * batch_size):
+        scene, text = example(split, index, seed)
+        for _ in range(per_image):
+            if negative := false_caption(scene, text, rng):
+                captions.append(negative[0])
+                kinds.append(negative[1])
+    return captions, kinds
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -124,7 +148,8 @@ def train_clip(
     for step in run.steps(progress=progress):
         set_lr(optimizer, lr, warmup_cosine(step, steps, 100))
         pixels, captions = shapes_batch("train", step, batch_size, seed=seed + 1)
-        loss, accuracy = model.loss(pixels, tokenize(tokenizer, captions))
+        negatives, _ = hard_negatives("train", step, batch_size, seed + 1, NEGATIVES_PER_IMAGE)
+        loss, accuracy = model.loss(pixels, tokenize(tokenizer, captions), tokenize(tokenizer, negatives))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -137,5 +162,28 @@ def train_clip(
     save_pretrained(model.text, folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     model.vision.save_pretrained(folder / "dino")
-    run.finish({"steps": steps, "batch_size": batch_size, f"test_retrieval_top1_of_{batch_size}": float(test_accuracy)})
+    summary = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "negatives_per_image": NEGATIVES_PER_IMAGE,
+        f"test_retrieval_top1_of_{batch_size}": float(test_accuracy),
+        "test_true_over_false_caption": hard_negative_accuracy(model, tokenizer, 512, seed),
+    }
+    run.finish(summary)
     return model
+
+
+@torch.no_grad()
+def hard_negative_accuracy(model: ShapesCLIP, tokenizer: CLIPTokenizer, count: int, seed: int = 0) -> dict[str, float]:
+    """How often a test image is closer to its caption than to a false caption of it, per kind of change
+    (chance 0.5): whether the encoders read shape, position, binding... rather than a bag of words."""
+    pixels, captions = shapes_batch("test", 0, count, seed=seed)
+    rng, wins = np.random.default_rng((seed, 11)), {kind: [] for kind in NEGATIVE_KINDS}
+    negatives = [false_caption(*example("test", index, seed), rng) for index in range(count)]
+    keep = [i for i, negative in enumerate(negatives) if negative]
+    images = model.embed_images(pixels[keep])
+    right = (images * model.embed_text(tokenize(tokenizer, [captions[i] for i in keep]))).sum(1)
+    wrong = (images * model.embed_text(tokenize(tokenizer, [negatives[i][0] for i in keep]))).sum(1)
+    for i, won in zip(keep, (right > wrong).tolist(), strict=True):
+        wins[negatives[i][1]].append(won)
+    return {kind: round(sum(w) / len(w), 3) for kind, w in wins.items() if w}

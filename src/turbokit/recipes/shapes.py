@@ -297,6 +297,61 @@ _OBJECT = re.compile(rf"\b(?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) ({'|'.j
 _BACKGROUND = re.compile(rf"\b({'|'.join(BACKGROUNDS)}) background\b")
 
 
+NEGATIVE_KINDS = ("shape", "colour", "size", "position", "relation", "background", "binding")
+"""What a hard negative changes: one word or phrase of the caption, or (`binding`) the two objects' colours."""
+
+
+def false_caption(scene: Scene, text: str, rng: np.random.Generator) -> tuple[str, str] | None:
+    """A hard negative of `text` (a caption of `scene`): the same words but one attribute changed so that it
+    is false of the scene — another shape, colour, size, position, relation or background, or the two
+    objects' colours swapped — and the kind of change; None when the caption offers none.
+
+    Contrastive training on random captions alone lets a text encoder ignore what the batch already tells
+    apart without it (the "bag of words" failure, Yuksekgonul et al. 2023); captions that differ only in a
+    position or a shape make it encode them."""
+    edits: dict[str, list[tuple[tuple[int, int], list[str]]]] = {}
+
+    def add(kind: str, span: tuple[int, int], options: list[str]) -> None:
+        edits.setdefault(kind, []).append((span, options))
+
+    matches = list(_OBJECT.finditer(text))
+    for m in matches:
+        if m[1]:
+            add("size", m.span(1), [s for s in SIZES if s != m[1]])
+        add("colour", m.span(2), [c for c in COLOURS if c != m[2]])
+        add("shape", m.span(3), [s for s in SHAPES if s != m[3]])
+    for o in scene.objects:
+        start = text.find(f" {place(o.position)}") + 1
+        if start:
+            add("position", (start, start + len(place(o.position))), [place(p) for p in POSITIONS if p != o.position])
+    if scene.relation is not None and f" {scene.relation} " in text:
+        start = text.index(f" {scene.relation} ") + 1
+        cells = [POSITIONS.index(o.position) for o in scene.objects]
+        false = [r for r in RELATIONS if r not in relations_between(*cells)]
+        add("relation", (start, start + len(scene.relation)), false)
+    if background := _BACKGROUND.search(text):
+        add("background", background.span(1), [b for b in BACKGROUNDS if b != background[1]])
+    kinds = sorted(edits)
+    # two objects of different shapes and colours: swapping their colours keeps every word and is false
+    if len(matches) == 2 and matches[0][2] != matches[1][2] and matches[0][3] != matches[1][3]:
+        kinds.append("binding")
+    if not kinds:
+        return None
+    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind == "binding":
+        first, second = matches
+        changed = text[: first.start(2)] + second[2] + text[first.end(2) : second.start(2)] + first[2]
+        changed += text[second.end(2) :]
+    else:
+        (start, end), options = edits[kind][int(rng.integers(len(edits[kind])))]
+        changed = text[:start] + options[int(rng.integers(len(options)))] + text[end:]
+    # articles follow the new word ("an orange" → "a red"), or grammar alone would give the negative away
+    return _ARTICLE.sub(lambda m: _with_article(m[1]), changed), kind
+
+
+_ARTICLE = re.compile(r"\ban? (\w+)")
+
+
 def parse_caption(text: str) -> dict[str, Any]:
     """What a caption says, in `Scene.labels()`'s form with None for what it leaves unsaid (a size, a
     position, the relation, the background): the reference an evaluator checks a generated image against."""
