@@ -197,3 +197,27 @@ def test_hard_negatives_make_the_contrastive_loss_harder_and_are_reported(root):
         plain, _ = model.loss(pixels, tokenize(tokenizer, captions))
         harder, _ = model.loss(pixels, tokenize(tokenizer, captions), tokenize(tokenizer, negatives))
     assert harder > plain  # more wrong answers to rule out
+
+
+def test_a_kept_root_lets_the_later_stages_run_without_the_earlier_ones(root, tmp_path):
+    import shutil
+
+    kept = recipe.stage_keep(root, TINY, 0, False)
+    unet = kept / "teacher" / "model" / "unet"
+    assert [p.suffix for p in unet.glob("diffusion_pytorch_model*")] == [".safetensors"]
+    assert not list(kept.rglob("optimizer.pt")) and not (kept / "text" / "text_encoder").exists()
+    from safetensors import safe_open
+
+    with safe_open(next(unet.glob("*.safetensors")), "pt") as weights:
+        assert weights.get_tensor(next(iter(weights.keys()))).dtype == torch.float16
+    new = tmp_path / "new-root"
+    shutil.copytree(kept, new)
+    for stage in ("vae", "text", "teacher"):  # finished: each is skipped, none needs what was left out
+        getattr(recipe, f"stage_{stage}")(new, TINY, 0, False)
+    config = recipe.distill_config(new, "main", TINY, 0, False)
+    assert config.teacher == str(new / "teacher" / "model") and config.dino_model == str(new / "text" / "dino")
+    kept_teacher = TurboPipeline.from_pretrained(new / "teacher" / "model", dtype="fp32")
+    original = TurboPipeline.from_pretrained(root / "teacher" / "model", dtype="fp32")
+    kwargs = dict(steps=2, seed=0)
+    difference = (kept_teacher("a red circle", **kwargs).pixels - original("a red circle", **kwargs).pixels).abs()
+    assert difference.max() < 4 / 255  # the fp16 rounding of the weights

@@ -3,7 +3,8 @@
 Text tower: transformers' `CLIPTextModel` (64 wide, 4 layers) with the real CLIP BPE tokenizer built offline
 (`turbokit.tokenizer`), so the models it conditions are ordinary SD 2.x pipelines. Image tower:
 transformers' `Dinov2Model` (a ViT-S-like layout at 64 pixels, patch 8). Both are trained with CLIP's
-symmetric contrastive loss on caption–image pairs of the `train` split (held-out pairs never seen).
+symmetric contrastive loss on caption–image pairs of the `train` split (held-out pairs never seen), with
+hard-negative captions — the true caption with one attribute changed — as extra wrong answers for each image.
 
 The image tower stands in for DINOv2 in the `add` discriminator of the distillation stage: ADD needs a
 frozen, pretrained ViT, and none can be downloaded here. It is saved as a DINOv2 folder that

@@ -67,6 +67,9 @@ def stage_vae(root: Path, budget: Budget, seed: int, progress: bool) -> None:
 def stage_text(root: Path, budget: Budget, seed: int, progress: bool) -> None:
     from turbokit.recipes.clip import train_clip
 
+    if finished(root / "text"):  # a kept root (`--stage keep`) has the ViT and tokenizer only
+        return
+
     train_clip(root / "text", budget.text_steps, budget.text_batch, seed=seed, progress=progress)
 
 
@@ -82,6 +85,8 @@ def stage_teacher(root: Path, budget: Budget, seed: int, progress: bool) -> None
 
     from turbokit.recipes.teacher import train_teacher
 
+    if finished(root / "teacher"):  # also in a kept root, which has no text stage encoder to load
+        return
     vae = AutoencoderKL.from_pretrained(_require(root / "vae", "vae") / "vae")
     text = _require(root / "text", "text")
     train_teacher(
@@ -248,6 +253,36 @@ def stage_ship(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
     return out
 
 
+KEPT = {"vae": ("vae",), "text": ("dino", "tokenizer"), "teacher": ("model",)}
+"""What `--stage keep` keeps of each finished stage: enough for every later stage to run from it."""
+
+
+def stage_keep(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
+    """The finished VAE, text and teacher stages, compact (the teacher in fp16, no optimizer states), at
+    ROOT/kept: ~30 MB that a later session copies into a new root (`cp -r ROOT/kept/. NEW_ROOT/`) to distil
+    and evaluate students without training the teacher again (~2 hours). The repository keeps one in
+    `artifacts/recipe-shapes` (its README says which teacher it is)."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    out = root / "kept"
+    shutil.rmtree(out, ignore_errors=True)
+    for stage, parts in KEPT.items():
+        _require(root / stage, stage)
+        (out / stage).mkdir(parents=True)
+        shutil.copy2(root / stage / "done.json", out / stage / "done.json")
+        for part in parts:
+            if stage == "teacher":
+                teacher = StableDiffusionPipeline.from_pretrained(root / stage / part, torch_dtype=torch.float16)
+                save_pretrained(teacher, out / stage / part, safe_serialization=True)
+            else:
+                shutil.copytree(root / stage / part, out / stage / part)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    print(f"wrote {out} ({size:.1f} MB): copy it into a new root with  cp -r {out}/. NEW_ROOT/", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="turbokit recipe shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -265,10 +300,10 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stage",
-        choices=(*STAGES, "all", "ship"),
+        choices=(*STAGES, "all", "ship", "keep"),
         default="all",
-        help="one stage, every stage in order, or ship: the student in fp16 as the package ships it "
-        "(default: %(default)s)",
+        help="one stage, every stage in order, ship: the student in fp16 as the package ships it, or keep: "
+        "the finished VAE, text and teacher stages, compact, for a later session (default: %(default)s)",
     )
     parser.add_argument("--root", default=DEFAULT_ROOT, help="where every stage's output goes (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (default: 1)")
