@@ -258,10 +258,10 @@ KEPT = {"vae": ("vae",), "text": ("dino", "tokenizer"), "teacher": ("model",)}
 
 
 def stage_keep(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
-    """The finished VAE, text and teacher stages, compact (the teacher in fp16, no optimizer states), at
-    ROOT/kept: ~30 MB that a later session copies into a new root (`cp -r ROOT/kept/. NEW_ROOT/`) to distil
-    and evaluate students without training the teacher again (~2 hours). The repository keeps one in
-    `artifacts/recipe-shapes` (its README says which teacher it is)."""
+    """The finished VAE, text and teacher stages, compact (the teacher in fp16, no optimizer states), and the
+    study's rows so far, at ROOT/kept: ~30 MB that a later session copies into a new root
+    (`cp -r ROOT/kept/. NEW_ROOT/`) to distil and evaluate students without training the teacher again
+    (~2 hours). The repository keeps one in `artifacts/recipe-shapes` (its README says which teacher it is)."""
     import shutil
 
     from diffusers import StableDiffusionPipeline
@@ -278,6 +278,10 @@ def stage_keep(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
                 save_pretrained(teacher, out / stage / part, safe_serialization=True)
             else:
                 shutil.copytree(root / stage / part, out / stage / part)
+    rows = root / "eval" / "results.jsonl"  # the study's rows so far: the eval stage resumes after them
+    if rows.is_file():
+        (out / "eval").mkdir()
+        shutil.copy2(rows, out / "eval" / rows.name)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     print(f"wrote {out} ({size:.1f} MB): copy it into a new root with  cp -r {out}/. NEW_ROOT/", file=sys.stderr)
     return out
