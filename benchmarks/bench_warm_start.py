@@ -86,11 +86,12 @@ def main() -> None:
     for mode in args.modes.split(","):
         cache = args.cache_dir / f"cache-{mode}"
         shutil.rmtree(cache, ignore_errors=True)
-        launches = [("cold", True), ("warm", True)]
-        if mode == "openvino" and not args.no_prefetch:  # the prefetch's worth: the same warm launch without it
+        prefetch = not args.no_prefetch
+        launches = [("cold", prefetch), ("warm", prefetch)]
+        if mode == "openvino" and prefetch:  # the prefetch's worth: the same warm launch without it
             launches += [("warm, no prefetch", False), ("warm", True)]
-        for launch_name, prefetch in launches:
-            r = launch(folder, mode, size, args.steps, args.images, cache, prefetch and not args.no_prefetch)
+        for launch_name, with_prefetch in launches:
+            r = launch(folder, mode, size, args.steps, args.images, cache, with_prefetch)
             ratio = r["launch_to_image_s"] / r["image_s"]
             row = f"| {mode} | {launch_name} | {r['launch_to_image_s']:.2f} | {r['image_s']:.3f} | {ratio:.1f} |"
             print(row, flush=True)

@@ -32,7 +32,9 @@ def _canonical(config: dict[str, Any]) -> str:
 
 def launch_key(model: str | Path, dtype: str | None = None, quantize: str | None = None) -> str:
     """What makes two launches compile the same models: the model (a local one by its resolved path), the
-    dtype asked for and the quantization."""
+    dtype asked for ("auto", the CLI's default, and None, the Python API's, are the same choice) and the
+    quantization."""
+    dtype = None if dtype == "auto" else dtype
     path = Path(model).expanduser()
     name = str(path.resolve()) if path.exists() else str(model)
     return hashlib.sha256(json.dumps([name, dtype, quantize]).encode()).hexdigest()[:20]

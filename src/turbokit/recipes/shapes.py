@@ -297,6 +297,7 @@ _OBJECT = re.compile(rf"\b(?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) ({'|'.j
 _BACKGROUND = re.compile(rf"\b({'|'.join(BACKGROUNDS)}) background\b")
 
 
+_ARTICLE = re.compile(r"\ban? (\w+)")
 NEGATIVE_KINDS = ("shape", "colour", "size", "position", "relation", "background", "binding")
 """What a hard negative changes: one word or phrase of the caption, or (`binding`) the two objects' colours."""
 
@@ -347,9 +348,6 @@ def false_caption(scene: Scene, text: str, rng: np.random.Generator) -> tuple[st
         changed = text[:start] + options[int(rng.integers(len(options)))] + text[end:]
     # articles follow the new word ("an orange" → "a red"), or grammar alone would give the negative away
     return _ARTICLE.sub(lambda m: _with_article(m[1]), changed), kind
-
-
-_ARTICLE = re.compile(r"\ban? (\w+)")
 
 
 def parse_caption(text: str) -> dict[str, Any]:
