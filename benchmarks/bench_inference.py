@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -45,6 +46,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, AutoencoderTiny, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.upsampling import Upsample2D
 from diffusers.schedulers import EulerDiscreteScheduler
 from diffusers.utils import logging as diffusers_logging
 from peak_rss import PeakRSS
@@ -53,6 +55,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from turbokit.compile import COMPILE_MODES
 from turbokit.configs import turbo_config_dir
+from turbokit.fused_upsample import FusedUpsample2D
 from turbokit.loading import LoadedModel
 from turbokit.pipeline import TurboPipeline
 from turbokit.precision import choose_precision, parse_device
@@ -121,6 +124,16 @@ def full_decoder(pipe: TurboPipeline) -> TurboPipeline:
     twin = copy.copy(pipe)
     twin.tiny_vae = None
     return twin
+
+
+def unfuse(pipe: TurboPipeline) -> TurboPipeline:
+    """The pipeline with diffusers' own upsampling (nearest ×2, then a 3×3 convolution) instead of turbokit's
+    transposed convolutions: the A/B of `turbokit.fused_upsample`. Before the first call, for compiled modes."""
+    for model in (pipe.unet, pipe.vae, pipe.tiny_vae):
+        for module in model.modules() if model is not None else ():
+            if type(module) is FusedUpsample2D:
+                module.__class__ = Upsample2D
+    return pipe
 
 
 def save_diffusers_folder(parts: dict[str, object], folder: Path) -> Path:
@@ -222,6 +235,11 @@ def main() -> None:
     )
     parser.add_argument("--no-fp32", action="store_true", help="leave out the fp32 rows (saves memory and time)")
     parser.add_argument(
+        "--unfused",
+        action="store_true",
+        help="add the default and --compile openvino rows with diffusers' own upsamplers (turbokit.fused_upsample off)",
+    )
+    parser.add_argument(
         "--cache-dir", type=Path, default=ROOT / "build" / "bench-inference", help="saved weights and IR for OpenVINO"
     )
     args = parser.parse_args()
@@ -280,6 +298,8 @@ def main() -> None:
         rows[f"openvino {fast_name} (optimum-intel)"] = openvino
     t_def = turbokit_pipe(None)
     turbokit_rows(f"turbokit default ({fast_name})", t_def)
+    if args.unfused:
+        turbokit_rows(f"turbokit default ({fast_name}), upsamplers unfused", unfuse(turbokit_pipe(None)))
     if not args.no_fp32:
         t32 = turbokit_pipe("fp32")
         rows["turbokit fp32"] = in_process(
@@ -314,6 +334,13 @@ def main() -> None:
         compiled[mode] = compiled_pipe(mode)
         first_calls(name, compiled[mode])
         turbokit_rows(name, compiled[mode], timed=mode in ("aot", "openvino"))
+        if mode == "openvino" and args.unfused:
+            # its own cache: the converted graphs differ, their cache keys would not
+            os.environ["TURBOKIT_CACHE"] = str(args.cache_dir / "turbokit-cache-unfused")
+            twin = unfuse(compiled_pipe(mode))
+            os.environ.pop("TURBOKIT_CACHE")
+            first_calls(f"{name}, upsamplers unfused", twin)
+            turbokit_rows(f"{name}, upsamplers unfused", twin)
 
     quantized: dict[str, tuple[TurboPipeline, TurboPipeline]] = {}  # row → (int8 pipeline, its reference)
     if args.quantize and "openvino" in args.compile:  # NNCF's int8, calibrated at the first call

@@ -62,20 +62,28 @@ def test_inference_benchmark_runs_on_a_tiny_model():
 def test_inference_benchmark_compiled_rows_with_parts(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     monkeypatch.setenv("TURBOKIT_CACHE", str(tmp_path))  # inherited by the benchmark's process
-    out = run_inference_benchmark("--compile", "openvino", "--tiny-decoder", "--no-fp32").stdout
+    bench = tmp_path / "bench"
+    options = ("--compile", "openvino", "--tiny-decoder", "--no-fp32", "--unfused", "--cache-dir", str(bench))
+    out = run_inference_benchmark(*options).stdout
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| turbokit")]
     fast = {torch.bfloat16: "bf16", torch.float32: "fp32"}[choose_precision(torch.device("cpu")).compute]
+    unfused = ", upsamplers unfused"
     assert rows == [
         f"turbokit default ({fast})",
         f"turbokit default ({fast}) + tiny decoder",
+        f"turbokit default ({fast}){unfused}",
+        f"turbokit default ({fast}){unfused} + tiny decoder",
         f"turbokit --compile openvino ({fast})",
         f"turbokit --compile openvino ({fast}) + tiny decoder",
+        f"turbokit --compile openvino ({fast}){unfused}",
+        f"turbokit --compile openvino ({fast}){unfused} + tiny decoder",
     ]
     assert "fp32 (default)" not in out
     parts = [line for line in out.splitlines() if "median s per component" in line]
-    assert len(parts) == 4 and all("unet" in line and "vae_decode" in line for line in parts)
-    converted = sorted(p.parent.name.split("-")[0] for p in tmp_path.rglob("*.xml"))
-    assert converted == ["text", "tiny", "unet", "vae"]  # every module in OpenVINO IR, one shape each
+    assert len(parts) == 8 and all("unet" in line and "vae_decode" in line for line in parts)
+    for cache in (tmp_path, bench / "turbokit-cache-unfused"):  # the unfused graphs are converted apart
+        converted = sorted(p.parent.name.split("-")[0] for p in cache.glob("openvino/*/*.xml"))
+        assert converted == ["text", "tiny", "unet", "vae"]  # every module in OpenVINO IR, one shape each
 
 
 def test_throughput_benchmark_reports_each_batch(tmp_path):

@@ -153,3 +153,12 @@ def test_no_model_given_means_the_default_model(tiny_models, monkeypatch):
     default = TurboPipeline.from_pretrained(dtype="fp32")("a red circle", seed=3).pixels
     named = TurboPipeline.from_pretrained(tiny_models["sd2"], dtype="fp32")("a red circle", seed=3).pixels
     assert torch.equal(default, named)
+
+
+def test_unet_and_vae_upsamplers_run_fused(sd):
+    """The pipeline's UNet and VAE upsample with one transposed convolution (`turbokit.fused_upsample`);
+    test_parity checks the images against diffusers' own pipelines, which do not."""
+    from turbokit.fused_upsample import FusedUpsample2D
+
+    for model in (sd.unet, sd.vae):
+        assert any(isinstance(m, FusedUpsample2D) for m in model.modules())

@@ -30,6 +30,11 @@ from torch.utils import _pytree as pytree
 log = logging.getLogger(__name__)
 
 
+# Part of every compiled artefact's key: bumped when turbokit changes the graph its modules trace to, so
+# no cache built before serves the new graph (2: upsamplers as transposed convolutions, `fused_upsample`).
+GRAPH_REVISION = 2
+
+
 def config_identity(config: dict[str, Any]) -> bytes:
     """A config's settings as bytes to hash, without its bookkeeping (`_name_or_path` differs with how the same
     folder was named; `_diffusers_version` with the library that saved it)."""
@@ -80,7 +85,7 @@ class AotDispatcher:
 
     def __init__(self, module: torch.nn.Module, cache: Path, name: str) -> None:
         self.module, self.name = module, name
-        self.folder = cache / f"{name}-{weights_fingerprint(module)}-torch{torch.__version__}"
+        self.folder = cache / f"{name}-{weights_fingerprint(module)}-g{GRAPH_REVISION}-torch{torch.__version__}"
         self.loaded: dict[str, Callable[..., Any]] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from turbokit.aot import call_signature, config_identity, weights_fingerprint
+from turbokit.aot import GRAPH_REVISION, call_signature, config_identity, weights_fingerprint
 from turbokit.errors import TurbokitError
 from turbokit.openvino_warm import LaunchRecord, take
 
@@ -92,7 +92,7 @@ def folder_fingerprint(folder: Path) -> str:
 
 def ir_folder(cache: Path, name: str, fingerprint: str) -> Path:
     """Where the converted models of one module (all its shapes) live."""
-    return cache / f"{name}-{fingerprint}-ov{require_openvino().get_version().split('-')[0]}"
+    return cache / f"{name}-{fingerprint}-ov{require_openvino().get_version().split('-')[0]}-g{GRAPH_REVISION}"
 
 
 def converted_before(model: str | Path, cache: Path, name: str = "unet") -> bool:
