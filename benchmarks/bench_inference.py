@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import subprocess
 import time
@@ -126,14 +125,18 @@ def full_decoder(pipe: TurboPipeline) -> TurboPipeline:
     return twin
 
 
-def unfuse(pipe: TurboPipeline) -> TurboPipeline:
-    """The pipeline with diffusers' own upsampling (nearest ×2, then a 3×3 convolution) instead of turbokit's
-    transposed convolutions: the A/B of `turbokit.fused_upsample`. Before the first call, for compiled modes."""
-    for model in (pipe.unet, pipe.vae, pipe.tiny_vae):
-        for module in model.modules() if model is not None else ():
-            if type(module) is FusedUpsample2D:
-                module.__class__ = Upsample2D
-    return pipe
+def with_upsamplers(pipe: TurboPipeline, kind: type, run: Callable[[str], Call], prompt: str) -> Call:
+    """One call of `run` with the pipeline's UNet and VAE upsampling as `kind` (diffusers' `Upsample2D`: nearest
+    ×2, then a 3×3 convolution), then turbokit's transposed convolutions again: the A/B of
+    `turbokit.fused_upsample` on the same weights, at no extra memory."""
+    modules = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, Upsample2D)]
+    for module in modules:
+        module.__class__ = kind
+    try:
+        return run(prompt)
+    finally:
+        for module in modules:
+            module.__class__ = FusedUpsample2D
 
 
 def save_diffusers_folder(parts: dict[str, object], folder: Path) -> Path:
@@ -237,7 +240,7 @@ def main() -> None:
     parser.add_argument(
         "--unfused",
         action="store_true",
-        help="add the default and --compile openvino rows with diffusers' own upsamplers (turbokit.fused_upsample off)",
+        help="add the default row with diffusers' own upsamplers (turbokit.fused_upsample off; the same weights)",
     )
     parser.add_argument(
         "--cache-dir", type=Path, default=ROOT / "build" / "bench-inference", help="saved weights and IR for OpenVINO"
@@ -274,14 +277,16 @@ def main() -> None:
         decoder = copy.deepcopy(tiny_decoder) if tiny_decoder is not None and dtype is None else None
         return TurboPipeline(model, device, precision, decoder, quantize=quantize, compile=compile)
 
-    def turbokit_rows(name: str, pipe: TurboPipeline, timed: bool = True) -> None:
-        """The pipeline's row with the full VAE, and with --tiny-decoder one with the tiny decoder."""
+    def turbokit_rows(name: str, pipe: TurboPipeline, timed: bool = True) -> dict[str, float] | None:
+        """The pipeline's row with the full VAE, and with --tiny-decoder one with the tiny decoder; returns
+        the dict its per-component seconds go to."""
         parts = time_parts(pipe) if timed else None
         full = full_decoder(pipe)
         rows[name] = in_process(lambda p: full(p, steps=args.steps, seed=0, width=args.size, height=args.size), parts)
         if pipe.tiny_vae is not None:
             tiny = lambda p: pipe(p, steps=args.steps, seed=0, width=args.size, height=args.size)  # noqa: E731
             rows[f"{name} + tiny decoder"] = in_process(tiny, parts)
+        return parts
 
     rows: dict[str, Callable[[str], Call]] = {}
     common = dict(num_inference_steps=args.steps, guidance_scale=0.0, height=args.size, width=args.size)
@@ -297,9 +302,15 @@ def main() -> None:
     if openvino:
         rows[f"openvino {fast_name} (optimum-intel)"] = openvino
     t_def = turbokit_pipe(None)
-    turbokit_rows(f"turbokit default ({fast_name})", t_def)
+    t_def_parts = turbokit_rows(f"turbokit default ({fast_name})", t_def)
     if args.unfused:
-        turbokit_rows(f"turbokit default ({fast_name}), upsamplers unfused", unfuse(turbokit_pipe(None)))
+        full_def = full_decoder(t_def)
+        unfused = in_process(
+            lambda p: full_def(p, steps=args.steps, seed=0, width=args.size, height=args.size), t_def_parts
+        )
+        rows[f"turbokit default ({fast_name}), upsamplers unfused"] = lambda p: with_upsamplers(
+            t_def, Upsample2D, unfused, p
+        )
     if not args.no_fp32:
         t32 = turbokit_pipe("fp32")
         rows["turbokit fp32"] = in_process(
@@ -334,13 +345,6 @@ def main() -> None:
         compiled[mode] = compiled_pipe(mode)
         first_calls(name, compiled[mode])
         turbokit_rows(name, compiled[mode], timed=mode in ("aot", "openvino"))
-        if mode == "openvino" and args.unfused:
-            # its own cache: the converted graphs differ, their cache keys would not
-            os.environ["TURBOKIT_CACHE"] = str(args.cache_dir / "turbokit-cache-unfused")
-            twin = unfuse(compiled_pipe(mode))
-            os.environ.pop("TURBOKIT_CACHE")
-            first_calls(f"{name}, upsamplers unfused", twin)
-            turbokit_rows(f"{name}, upsamplers unfused", twin)
 
     quantized: dict[str, tuple[TurboPipeline, TurboPipeline]] = {}  # row → (int8 pipeline, its reference)
     if args.quantize and "openvino" in args.compile:  # NNCF's int8, calibrated at the first call

@@ -62,28 +62,37 @@ def test_inference_benchmark_runs_on_a_tiny_model():
 def test_inference_benchmark_compiled_rows_with_parts(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     monkeypatch.setenv("TURBOKIT_CACHE", str(tmp_path))  # inherited by the benchmark's process
-    bench = tmp_path / "bench"
-    options = ("--compile", "openvino", "--tiny-decoder", "--no-fp32", "--unfused", "--cache-dir", str(bench))
-    out = run_inference_benchmark(*options).stdout
+    out = run_inference_benchmark("--compile", "openvino", "--tiny-decoder", "--no-fp32", "--unfused").stdout
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| turbokit")]
     fast = {torch.bfloat16: "bf16", torch.float32: "fp32"}[choose_precision(torch.device("cpu")).compute]
-    unfused = ", upsamplers unfused"
     assert rows == [
         f"turbokit default ({fast})",
         f"turbokit default ({fast}) + tiny decoder",
-        f"turbokit default ({fast}){unfused}",
-        f"turbokit default ({fast}){unfused} + tiny decoder",
+        f"turbokit default ({fast}), upsamplers unfused",
         f"turbokit --compile openvino ({fast})",
         f"turbokit --compile openvino ({fast}) + tiny decoder",
-        f"turbokit --compile openvino ({fast}){unfused}",
-        f"turbokit --compile openvino ({fast}){unfused} + tiny decoder",
     ]
     assert "fp32 (default)" not in out
     parts = [line for line in out.splitlines() if "median s per component" in line]
-    assert len(parts) == 8 and all("unet" in line and "vae_decode" in line for line in parts)
-    for cache in (tmp_path, bench / "turbokit-cache-unfused"):  # the unfused graphs are converted apart
-        converted = sorted(p.parent.name.split("-")[0] for p in cache.glob("openvino/*/*.xml"))
-        assert converted == ["text", "tiny", "unet", "vae"]  # every module in OpenVINO IR, one shape each
+    assert len(parts) == 5 and all("unet" in line and "vae_decode" in line for line in parts)
+    converted = sorted(p.parent.name.split("-")[0] for p in tmp_path.rglob("*.xml"))
+    assert converted == ["text", "tiny", "unet", "vae"]  # every module in OpenVINO IR, one shape each
+
+
+def test_upsample_benchmark_compares_fused_and_diffusers_upsamplers():
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_upsample.py"), "--tiny", "--unet", "--repeats", "1"]
+    proc = subprocess.run([*command, "--no-openvino"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith(("| vae", "| unet"))]
+    assert [[part.strip() for part in r[1].split(",")[:2]] for r in rows] == [
+        ["vae decoder", "diffusers upsamplers"],
+        ["vae decoder", "fused upsamplers"],
+        ["unet", "diffusers upsamplers"],
+        ["unet", "fused upsamplers"],
+    ]
+    # fused or not, each stays within the precision's rounding of the fp32 reference
+    assert all(float(r[4]) < 0.05 for r in rows)
+    assert re.search(r"vae decoder, eager \w+: fused [\d.]+x as fast", proc.stdout)
 
 
 def test_throughput_benchmark_reports_each_batch(tmp_path):
