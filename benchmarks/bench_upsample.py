@@ -70,11 +70,13 @@ def main() -> None:
     if openvino:
         from turbokit.openvino_backend import compile_openvino
 
-    rows: dict[str, Callable[[], torch.Tensor]] = {}
+    seconds: dict[str, list[float]] = {}
     errors: dict[str, float] = {}
     cache = Path(tempfile.mkdtemp(prefix="bench-upsample-"))
-    with torch.no_grad():
-        for name, (module, make_inputs) in models(args.tiny, args.unet).items():
+    for name, (module, make_inputs) in models(args.tiny, args.unet).items():
+        # one module at a time, its four rows interleaved: the UNet's copies alone fill ~14 GB at full size
+        rows: dict[str, Callable[[], torch.Tensor]] = {}
+        with torch.no_grad():
             inputs = make_inputs(size)
             reference = module(*inputs)
             reference = reference.sample if hasattr(reference, "sample") else reference
@@ -98,12 +100,15 @@ def main() -> None:
                     print(f"{row}: first call {time.perf_counter() - started:.1f} s", flush=True)
                     errors[row] = ((out.float() - reference).norm() / reference.norm()).item()
                     rows[row] = call
-    seconds: dict[str, list[float]] = {row: [] for row in rows}
-    for _ in range(args.repeats):
-        for row, call in rows.items():
-            started = time.perf_counter()
-            call()
-            seconds[row].append(time.perf_counter() - started)
+            del module, reference
+            for row in rows:
+                seconds[row] = []
+            for _ in range(args.repeats):
+                for row, call in rows.items():
+                    started = time.perf_counter()
+                    call()
+                    seconds[row].append(time.perf_counter() - started)
+        del rows, variants, twin
     digits = 4 if args.tiny else 3
     print(f"\n{size}², batch 1, {torch.get_num_threads()} threads, median of {args.repeats} interleaved calls:")
     print("| module, upsamplers, path | median s | min s | relative error vs fp32 eager |")
