@@ -131,6 +131,10 @@ def distill_config(root: Path, name: str, budget: Budget, seed: int, progress: b
         distill_weighting="exponential",
         teacher_steps=4,
         distill_lambda=50.0,
+        # An ε-student's one-step image is its ε error × σ/α ≈ 15 at t = 999: every ε student so far stayed
+        # speckled. A v-student gives x̂₀ ≈ −v there; after 500 steps on teacher v5 its 1-step FID was 965
+        # against 2999 for the ε main run's step 500 on teacher v4 (docs/results.md, 2026-12-02).
+        student_prediction_type="v_prediction",
         dino_model=str(_require(root / "text", "text") / "dino"),
         dino_resolution=64,
         train_batch_size=budget.distill_batch,
