@@ -55,6 +55,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from turbokit.compile import COMPILE_MODES
 from turbokit.configs import turbo_config_dir
 from turbokit.fused_upsample import FusedUpsample2D
+from turbokit.info import DTYPE_NAMES
 from turbokit.loading import LoadedModel
 from turbokit.pipeline import TurboPipeline
 from turbokit.precision import choose_precision, parse_device
@@ -64,7 +65,6 @@ from turbokit.tokenizer import PAD_OPENCLIP, clip_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENVINO_PYTHON = ROOT / ".venv-openvino" / "bin" / "python"
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 OPENVINO_PRECISIONS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}  # its INFERENCE_PRECISION_HINT
 
 
@@ -125,13 +125,13 @@ def full_decoder(pipe: TurboPipeline) -> TurboPipeline:
     return twin
 
 
-def with_upsamplers(pipe: TurboPipeline, kind: type, run: Callable[[str], Call], prompt: str) -> Call:
-    """One call of `run` with the pipeline's UNet and VAE upsampling as `kind` (diffusers' `Upsample2D`: nearest
-    ×2, then a 3×3 convolution), then turbokit's transposed convolutions again: the A/B of
-    `turbokit.fused_upsample` on the same weights, at no extra memory."""
-    modules = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, Upsample2D)]
+def with_diffusers_upsamplers(pipe: TurboPipeline, run: Callable[[str], Call], prompt: str) -> Call:
+    """One call of `run` with the pipeline's UNet and VAE upsampling as diffusers' `Upsample2D` does (nearest ×2,
+    then a 3×3 convolution), then turbokit's transposed convolutions again: the A/B of `turbokit.fused_upsample`
+    on the same weights, at no extra memory."""
+    modules = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, FusedUpsample2D)]
     for module in modules:
-        module.__class__ = kind
+        module.__class__ = Upsample2D
     try:
         return run(prompt)
     finally:
@@ -308,8 +308,8 @@ def main() -> None:
         unfused = in_process(
             lambda p: full_def(p, steps=args.steps, seed=0, width=args.size, height=args.size), t_def_parts
         )
-        rows[f"turbokit default ({fast_name}), upsamplers unfused"] = lambda p: with_upsamplers(
-            t_def, Upsample2D, unfused, p
+        rows[f"turbokit default ({fast_name}), upsamplers unfused"] = lambda p: with_diffusers_upsamplers(
+            t_def, unfused, p
         )
     if not args.no_fp32:
         t32 = turbokit_pipe("fp32")

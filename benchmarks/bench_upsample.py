@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import tempfile
 import time
@@ -24,17 +25,16 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from turbokit.configs import turbo_config_dir
 from turbokit.fused_upsample import fuse_upsamplers
+from turbokit.info import DTYPE_NAMES
 from turbokit.precision import choose_precision
 from turbokit.tiny import TINY_SIZE, tiny_components
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def models(tiny: bool, unet: bool) -> dict[str, tuple[torch.nn.Module, Callable[[int], tuple]]]:
     """name → (module, inputs for a size in pixels): the VAE's decoder and optionally the UNet."""
     if tiny:
         parts = tiny_components("sd2")
-        vae, net = parts["vae"], parts["unet"]
+        vae, net = parts["vae"], parts["unet"] if unet else None
     else:
         root = turbo_config_dir("sd2")
         torch.manual_seed(0)
@@ -78,6 +78,7 @@ def main() -> None:
         rows: dict[str, Callable[[], torch.Tensor]] = {}
         with torch.no_grad():
             inputs = make_inputs(size)
+            cast = tuple(x.to(dtype) if x.is_floating_point() and x.dim() > 1 else x for x in inputs)
             reference = module(*inputs)
             reference = reference.sample if hasattr(reference, "sample") else reference
             for fused in (False, True):
@@ -92,8 +93,7 @@ def main() -> None:
                     compile_openvino(ov, cache / ("fused" if fused else "diffusers"), name.replace(" ", "-"), dtype)
                     variants[f"{label}, openvino {DTYPE_NAMES[dtype]}"] = ov
                 for row, net in variants.items():
-                    cast = tuple(x.to(dtype) if x.is_floating_point() and x.dim() > 1 else x for x in inputs)
-                    call = (lambda n, c: lambda: n(*c))(net, cast)
+                    call = functools.partial(net, *cast)
                     started = time.perf_counter()
                     out = call()  # the first call converts and compiles (OpenVINO) or selects kernels (oneDNN)
                     out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
