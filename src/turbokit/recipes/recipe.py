@@ -125,11 +125,13 @@ def distill_config(root: Path, name: str, budget: Budget, seed: int, progress: b
         data=f"shapes:train?n=1000000&size=64&seed={seed + 3}",
         output_dir=str(root / "student" / name),
         method="add",
-        # The teacher's one-step x̂₀ is speckled (its ε errors × σ/α at high t), so the target is its 4-step
-        # DDIM sample from t; and with turbokit's per-pixel-mean distance, λ = 2.5 left L_distill ~1–5% of the
+        # The teacher's one-step x̂₀ is speckled (its ε errors × σ/α at high t), so the target is its DDIM
+        # sample from t in 8 steps: in 4 from pure noise teacher v5 paints "a red circle" red 4 times in 16
+        # (orange, brown), in 8 14 times, and its students took the 4-step colours (docs/results.md,
+        # 2026-12-02). With turbokit's per-pixel-mean distance, λ = 2.5 left L_distill ~1–5% of the
         # generator's loss. 150-step probes (docs/results.md): FID 9250 at λ 2.5, 3028 at λ 50.
         distill_weighting="exponential",
-        teacher_steps=4,
+        teacher_steps=8,
         distill_lambda=50.0,
         # An ε-student's one-step image is its ε error × σ/α ≈ 15 at t = 999: every ε student so far stayed
         # speckled. A v-student gives x̂₀ ≈ −v there; after 500 steps on teacher v5 its 1-step FID was 965
@@ -220,6 +222,7 @@ MODEL_CARD = """# shapes-turbo
 A 1-step Turbo model of the `shapes` world (one or two coloured shapes on a plain background, 64×64),
 made by `turbokit recipe shapes --root {root}`: a UNet2DConditionModel teacher trained from scratch on
 synthetic captioned scenes, distilled with Adversarial Diffusion Distillation (`turbokit distill`).
+The student predicts v (its scheduler config says `prediction_type: v_prediction`), the teacher ε.
 Diffusers format, fp16. Runs with `turbokit generate "a red circle on a blue background"` or with
 diffusers' `StableDiffusionPipeline` (`num_inference_steps=1, guidance_scale=0`). How good it is, and
 how it was measured: turbokit's docs/results.md.
