@@ -100,9 +100,7 @@ def main() -> None:
                     print(f"{row}: first call {time.perf_counter() - started:.1f} s", flush=True)
                     errors[row] = ((out.float() - reference).norm() / reference.norm()).item()
                     rows[row] = call
-            del module, reference
-            for row in rows:
-                seconds[row] = []
+            seconds.update({row: [] for row in rows})
             for _ in range(args.repeats):
                 for row, call in rows.items():
                     started = time.perf_counter()

@@ -222,7 +222,7 @@ MODEL_CARD = """# shapes-turbo
 A 1-step Turbo model of the `shapes` world (one or two coloured shapes on a plain background, 64×64),
 made by `turbokit recipe shapes --root {root}`: a UNet2DConditionModel teacher trained from scratch on
 synthetic captioned scenes, distilled with Adversarial Diffusion Distillation (`turbokit distill`).
-The student predicts v (its scheduler config says `prediction_type: v_prediction`), the teacher ε.
+The student predicts {prediction} (its scheduler config's `prediction_type`), the teacher epsilon.
 Diffusers format, fp16. Runs with `turbokit generate "a red circle on a blue background"` or with
 diffusers' `StableDiffusionPipeline` (`num_inference_steps=1, guidance_scale=0`). How good it is, and
 how it was measured: turbokit's docs/results.md.
@@ -245,7 +245,9 @@ def stage_ship(root: Path, budget: Budget, seed: int, progress: bool) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     pipe = StableDiffusionPipeline.from_pretrained(student, torch_dtype=torch.float16)
     save_pretrained(pipe, out, safe_serialization=True)
-    (out / "README.md").write_text(MODEL_CARD.format(root=root), encoding="utf-8")
+    (out / "README.md").write_text(
+        MODEL_CARD.format(root=root, prediction=pipe.scheduler.config.prediction_type), encoding="utf-8"
+    )
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
     if size > SHIP_LIMIT_MB:
         raise TurbokitError(f"the shipped model is {size:.1f} MB, over the {SHIP_LIMIT_MB:.0f} MB budget")
