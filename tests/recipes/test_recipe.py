@@ -178,6 +178,8 @@ def test_cli_eval_and_errors(root, capsys):
     assert main(["eval", "x", "--evaluator", str(evaluator), "--steps", "one"]) == 2
     assert main(["recipe", "shapes", "--stage", "teacher", "--root", str(root / "nowhere"), "-q"]) == 2
     assert "has not finished" in capsys.readouterr().err
+    assert main(["recipe", "shapes", "--stage", "distill", "--runs", "main,adv_only", "--root", str(root)]) == 2
+    assert "unknown distill run(s) ['adv_only']" in capsys.readouterr().err
 
 
 def test_hard_negatives_make_the_contrastive_loss_harder_and_are_reported(root):

@@ -319,6 +319,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the finished VAE, text and teacher stages, compact, for a later session (default: %(default)s)",
     )
     parser.add_argument("--root", default=DEFAULT_ROOT, help="where every stage's output goes (default: %(default)s)")
+    parser.add_argument(
+        "--runs",
+        default="",
+        help=f"the distill stage's runs, comma-separated, in this order (default: all: {','.join(DISTILL_RUNS)})",
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
@@ -332,11 +337,18 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     root = Path(args.root)
     budget = Budget().scaled(args.scale)
+    runs = [r for r in args.runs.split(",") if r] or None
+    if unknown := set(runs or ()) - set(DISTILL_RUNS):
+        raise TurbokitError(f"unknown distill run(s) {sorted(unknown)}; the runs are {', '.join(DISTILL_RUNS)}")
     stages = STAGES if args.stage == "all" else (args.stage,)
     for name in stages:
         started = time.perf_counter()
         print(f"== stage {name} ({root})", file=sys.stderr, flush=True)
-        globals()[f"stage_{name}"](root, budget, args.seed, not args.quiet)
+        stage = globals()[f"stage_{name}"]
+        if name == "distill":
+            stage(root, budget, args.seed, not args.quiet, runs)
+        else:
+            stage(root, budget, args.seed, not args.quiet)
         elapsed = time.perf_counter() - started
         timings = root / "timings.json"
         recorded = json.loads(timings.read_text()) if timings.is_file() else {}
