@@ -258,3 +258,11 @@ def test_the_kept_stages_in_the_repository_continue_the_recipe(tmp_path):
     scores = per_attribute_accuracy(predict(ShapesEvaluator.load(SHAPES_EVALUATOR), pixels), prompts)
     # measured on 300 test captions at 4 steps: background 0.985, colour 0.54 (chance 0.125); on these 16: 1.0, 0.5
     assert scores["background"] >= 0.75 and scores["colour"] >= 0.3, scores
+
+
+def test_runs_reach_the_distill_stage_in_the_order_given(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(recipe, "stage_distill", lambda *args, runs: calls.append(runs))
+    assert main(["recipe", "shapes", "--stage", "distill", "--runs", "ladd,adv-only", "--root", str(tmp_path)]) == 0
+    assert main(["recipe", "shapes", "--stage", "distill", "--root", str(tmp_path)]) == 0
+    assert calls == [["ladd", "adv-only"], None]  # None: every run, in DISTILL_RUNS' order

@@ -1,4 +1,4 @@
-"""The recipe's main distill configuration with overrides: run.py OUT STEPS key=value ... (values as JSON or str)"""
+"""run_main.py OUT STEPS key=value ...: the recipe's main distill configuration with overrides (JSON or str)."""
 
 import json
 import sys

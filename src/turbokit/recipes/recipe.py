@@ -14,6 +14,7 @@ Stages, each resumable (re-run the same command after an interruption; a finishe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -337,18 +338,16 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     root = Path(args.root)
     budget = Budget().scaled(args.scale)
-    runs = [r for r in args.runs.split(",") if r] or None
-    if unknown := set(runs or ()) - set(DISTILL_RUNS):
+    runs = [r for r in args.runs.split(",") if r]
+    if unknown := set(runs) - set(DISTILL_RUNS):
         raise TurbokitError(f"unknown distill run(s) {sorted(unknown)}; the runs are {', '.join(DISTILL_RUNS)}")
+    stage_functions = {name: globals()[f"stage_{name}"] for name in (*STAGES, "ship", "keep")}
+    stage_functions["distill"] = functools.partial(stage_distill, runs=runs or None)
     stages = STAGES if args.stage == "all" else (args.stage,)
     for name in stages:
         started = time.perf_counter()
         print(f"== stage {name} ({root})", file=sys.stderr, flush=True)
-        stage = globals()[f"stage_{name}"]
-        if name == "distill":
-            stage(root, budget, args.seed, not args.quiet, runs)
-        else:
-            stage(root, budget, args.seed, not args.quiet)
+        stage_functions[name](root, budget, args.seed, not args.quiet)
         elapsed = time.perf_counter() - started
         timings = root / "timings.json"
         recorded = json.loads(timings.read_text()) if timings.is_file() else {}
