@@ -89,6 +89,16 @@ def test_noise_rows_depend_only_on_their_own_generator():
     assert torch.equal(batch[1:2], alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noise_is_diffusers_noise(dtype):
+    """Same seeds, same noise as diffusers' pipelines draw: images match theirs seed for seed."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    ours = sampling.noise((2, 4, 6, 6), [torch.Generator().manual_seed(s) for s in (1, 2)], torch.device("cpu"), dtype)
+    theirs = randn_tensor((2, 4, 6, 6), generator=[torch.Generator().manual_seed(s) for s in (1, 2)], dtype=dtype)
+    assert ours.dtype == dtype and torch.equal(ours, theirs)
+
+
 def test_vp_form_inverts_forward_diffusion(scheduler):
     t = torch.tensor([0, 249, 999])
     alpha, sigma = sampling.vp_coefficients(scheduler.alphas_cumprod, t)
