@@ -341,15 +341,21 @@ def _configure_logging(quiet: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-    # The libraries' own chatter (loading bars, deprecation notes) is not for our users.
+    # The libraries' own chatter (loading bars, deprecation notes) is not for our users. Through their environment
+    # variables, read when they are first imported: importing them here would cost a warm OpenVINO launch, which
+    # runs without diffusers (`turbokit.converted`), seconds. diffusers has no variable for its bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "diffusers" in sys.modules:  # already imported (main() called in-process): set directly
+        from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

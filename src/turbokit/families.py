@@ -8,9 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+if TYPE_CHECKING:  # not imported at run time: a warm OpenVINO launch runs without transformers' models
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+
+def family_of(unet_config: Mapping, text_hidden_size: int | None = None) -> str:
+    """SDXL if the UNet takes SDXL's text/time embedding; otherwise SD 1.x (768-wide CLIP-L context) or 2.x."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    cross = unet_config.get("cross_attention_dim")
+    width = text_hidden_size or (cross[0] if isinstance(cross, list | tuple) else cross)
+    return "sd1" if width == 768 or unet_config.get("use_linear_projection") is False else "sd2"
 
 
 @dataclass
@@ -88,7 +100,7 @@ class SDXLFamily:
         hidden, pooled = [], None
         for tokenizer, encoder in self.encoders:
             out = encoder(_token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
-            if isinstance(encoder, CLIPTextModelWithProjection):
+            if getattr(out, "text_embeds", None) is not None:  # CLIPTextModelWithProjection's output
                 pooled = out.text_embeds
             hidden.append(out.hidden_states[-2])
         return Conditioning(torch.cat(hidden, dim=-1), pooled)

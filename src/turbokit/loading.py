@@ -2,7 +2,9 @@
 
 Every path ends in the same dict of diffusers/transformers components (`unet`, `vae`,
 `text_encoder`, `tokenizer`, `scheduler`, and for SDXL `text_encoder_2`, `tokenizer_2`), so the
-pipeline never knows where a model came from.
+pipeline never knows where a model came from. diffusers and transformers are imported when a model is
+loaded, not with this module: their import graph takes seconds, which a warm `--compile openvino` launch
+(`turbokit.converted`) does without.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import accelerate
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-from diffusers.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
-from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from turbokit.errors import InvalidRequestError, ModelNotFoundError, TurbokitError
+from turbokit.families import family_of
 from turbokit.tokenizer import PAD_OPENAI, PAD_OPENCLIP, clip_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, AutoencoderTiny
+    from diffusers.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from transformers import CLIPTokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 TINY_VAE_SUBFOLDER = "vae_tiny"
@@ -43,15 +47,6 @@ class LoadedModel:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def family_of(unet_config: dict, text_hidden_size: int | None = None) -> str:
-    """SDXL if the UNet takes SDXL's text/time embedding; otherwise SD 1.x (768-wide CLIP-L context) or 2.x."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    cross = unet_config.get("cross_attention_dim")
-    width = text_hidden_size or (cross[0] if isinstance(cross, list | tuple) else cross)
-    return "sd1" if width == 768 or unet_config.get("use_linear_projection") is False else "sd2"
-
-
 def _weights_variant(folder: Path, allow_pickle: bool) -> tuple[bool, str | None]:
     """(use_safetensors, variant) for a component folder; pickle-only folders need allow_pickle."""
     names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
@@ -68,12 +63,28 @@ def _weights_variant(folder: Path, allow_pickle: bool) -> tuple[bool, str | None
     raise ModelNotFoundError(f"no weights found in {folder}")
 
 
-def _load_part(cls: type, root: Path, sub: str, allow_pickle: bool, dtype: torch.dtype) -> object:
+def _classes() -> dict[str, type]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+    }
+
+
+def load_part(root: Path, sub: str, allow_pickle: bool, dtype: torch.dtype) -> torch.nn.Module:
+    """One model component (`unet`, `vae`, `text_encoder` or `text_encoder_2`) of a diffusers folder."""
+    cls = _classes()[sub]
     use_safetensors, variant = _weights_variant(root / sub, allow_pickle)
     return cls.from_pretrained(root, subfolder=sub, use_safetensors=use_safetensors, variant=variant, torch_dtype=dtype)
 
 
 def _tokenizer(root: Path, sub: str, pad: str) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     # Folders converted from single files often lack tokenizer files; the offline one is identical.
     if (root / sub).is_dir():
         return CLIPTokenizer.from_pretrained(root, subfolder=sub)
@@ -81,6 +92,8 @@ def _tokenizer(root: Path, sub: str, pad: str) -> CLIPTokenizer:
 
 
 def _scheduler(root: Path) -> EulerDiscreteScheduler | EulerAncestralDiscreteScheduler:
+    from diffusers.schedulers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
     config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     cls = (
         EulerAncestralDiscreteScheduler
@@ -88,6 +101,15 @@ def _scheduler(root: Path) -> EulerDiscreteScheduler | EulerAncestralDiscreteSch
         else EulerDiscreteScheduler
     )
     return cls.from_config(config)
+
+
+def component_sources(root: Path, family: str) -> dict[str, Path]:
+    """The component folder of each model a pipeline may run converted, by the name the OpenVINO cache knows it
+    by (`--compile openvino`): a folder's files, not its tensors, identify the converted copy."""
+    sources = {"unet": root / "unet", "vae-decoder": root / "vae", "text-encoder-1": root / "text_encoder"}
+    if family == "sdxl":
+        sources["text-encoder-2"] = root / "text_encoder_2"
+    return sources
 
 
 def vae_config(model: str | Path) -> dict:
@@ -101,39 +123,42 @@ def load_folder(
 ) -> LoadedModel:
     """A diffusers model folder of the SD 1.x/2.x or SDXL family.
 
-    `extra["load_unet"]` loads the UNet's weights again on demand; with `empty_unet` the UNet is built from its
-    config with no weights (on the meta device) — for engines that run it from a converted copy
-    (`--compile openvino`), so that a warm launch does not read weights it will not use."""
+    `extra["sources"]` maps the names the OpenVINO cache knows the converted models by to their component
+    folders, `extra["loaders"]` to functions that read their weights again on demand; with `empty_unet` the
+    UNet is built from its config with no weights (on the meta device) — for engines that run it from a
+    converted copy (`--compile openvino`), so that a warm launch does not read weights it will not use."""
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise ModelNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
     index = json.loads(index_file.read_text())
     if not (root / "unet").is_dir():
         raise ModelNotFoundError(f"{root} has no unet/ folder: only SD 1.x/2.x and SDXL UNet models are supported")
-    load_unet = functools.partial(_load_part, UNet2DConditionModel, root, "unet", allow_pickle, dtype)
+    load_unet = functools.partial(load_part, root, "unet", allow_pickle, dtype)
     if empty_unet:
+        import accelerate
+
+        unet_class = _classes()["unet"]
         with accelerate.init_empty_weights():
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root, subfolder="unet"))
+            unet = unet_class.from_config(unet_class.load_config(root, subfolder="unet"))
     else:
         unet = load_unet()
-    text_encoder = _load_part(CLIPTextModel, root, "text_encoder", allow_pickle, dtype)
+    text_encoder = load_part(root, "text_encoder", allow_pickle, dtype)
     family = family_of(dict(unet.config), text_encoder.config.hidden_size)
     components: dict[str, object] = {
         "unet": unet,
-        "vae": _load_part(AutoencoderKL, root, "vae", allow_pickle, vae_dtype),
+        "vae": load_part(root, "vae", allow_pickle, vae_dtype),
         "text_encoder": text_encoder,
         "tokenizer": _tokenizer(root, "tokenizer", PAD_OPENAI if family != "sd2" else PAD_OPENCLIP),
         "scheduler": _scheduler(root),
     }
     if family == "sdxl":
-        components["text_encoder_2"] = _load_part(
-            CLIPTextModelWithProjection, root, "text_encoder_2", allow_pickle, dtype
-        )
+        components["text_encoder_2"] = load_part(root, "text_encoder_2", allow_pickle, dtype)
         components["tokenizer_2"] = _tokenizer(root, "tokenizer_2", PAD_OPENCLIP)
     extra = {
         "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
-        "load_unet": load_unet,
-        "unet_folder": root / "unet",
+        "folder": root,
+        "sources": component_sources(root, family),
+        "loaders": {"unet": load_unet},
     }
     return LoadedModel(family, components, root.name, extra)
 
@@ -193,7 +218,7 @@ def load_vae(model: str | Path, *, allow_pickle: bool, dtype: torch.dtype) -> Au
     if path.is_dir():
         if not (path / "vae").is_dir():
             raise ModelNotFoundError(f"{path} has no vae/ folder: give a diffusers model folder")
-        return _load_part(AutoencoderKL, path, "vae", allow_pickle, dtype)
+        return load_part(path, "vae", allow_pickle, dtype)
     return load_model(model, allow_pickle=allow_pickle, dtype=dtype, vae_dtype=dtype).components["vae"]
 
 
@@ -207,6 +232,9 @@ def load_tiny_vae(path: str | Path, dtype: torch.dtype) -> AutoencoderTiny:
         raise ModelNotFoundError(f"--tiny-vae {path}: expected an AutoencoderTiny, found {config.get('_class_name')}")
     # diffusers' AutoencoderTiny writes `block_out_channels` into every config it saves and then warns, on
     # load, that the key is unexpected: a warning about itself that no user can act on
+    from diffusers import AutoencoderTiny
+    from diffusers.utils import logging as diffusers_logging
+
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:

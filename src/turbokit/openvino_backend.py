@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -95,9 +97,8 @@ def ir_folder(cache: Path, name: str, fingerprint: str) -> Path:
     return cache / f"{name}-{fingerprint}-ov{require_openvino().get_version().split('-')[0]}-g{GRAPH_REVISION}"
 
 
-def converted_before(model: str | Path, cache: Path, name: str = "unet") -> bool:
-    """True when `model` is a diffusers folder whose `name` component has been converted for some shape."""
-    folder = Path(model).expanduser() / name
+def converted_before(folder: Path, cache: Path, name: str) -> bool:
+    """True when the model of component folder `folder` has been converted, as `name`, for some shape."""
     if not (folder / "config.json").is_file():
         return False
     return any(ir_folder(cache, name, folder_fingerprint(folder)).glob("*.xml"))
@@ -158,7 +159,15 @@ class OpenVinoDispatcher:
         return pytree.tree_unflatten(results, out_spec)
 
     def _out_spec(self, key: str) -> pytree.TreeSpec:
-        return pytree.treespec_loads(json.loads((self.folder / f"{key}.json").read_text())["outputs"])
+        spec = json.loads((self.folder / f"{key}.json").read_text())["outputs"]
+        try:
+            return pytree.treespec_loads(spec)
+        except NotImplementedError:
+            # an output class (e.g. transformers' BaseModelOutputWithPooling) is a pytree node once its module is
+            # imported; a warm launch that built no transformers model has not imported it yet
+            for module in set(re.findall(r'"type": "([\w.]+)\.\w+"', spec)):
+                importlib.import_module(module)
+            return pytree.treespec_loads(spec)
 
     def _load_or_convert(self, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
         xml, spec_file = self.folder / f"{key}.xml", self.folder / f"{key}.json"
@@ -221,7 +230,7 @@ class OpenVinoDispatcher:
         fp32 = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
         leaves = [fp32(leaf) for leaf in leaves]
         tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
-        if next(self.module.parameters()).is_meta:  # built without weights for a warm start: read them now
+        if not any(not p.is_meta for p in self.module.parameters()):  # no weights (warm start): read them now
             if self.load is None:
                 raise TurbokitError(f"{self.name} has no weights to convert to OpenVINO for a new shape")
             log.info(f"reading {self.name}'s weights to convert a new shape")

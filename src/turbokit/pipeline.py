@@ -16,18 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny
-from diffusers.schedulers import EulerDiscreteScheduler
 from PIL import Image
 
-from turbokit import sampling
+from turbokit import converted, sampling
 from turbokit.aot import compile_ahead
 from turbokit.compile import cache_root, check_compile, compile_module, use_disk_cache
 from turbokit.errors import InvalidRequestError
 from turbokit.families import Conditioning, Family, build_family
-from turbokit.fused_upsample import fuse_upsamplers
 from turbokit.images import fit_size, pil_to_tensor, resize, tensor_to_pil
 from turbokit.loading import LoadedModel, load_model, load_tiny_vae, vae_config
 from turbokit.metadata import GenerationParameters
@@ -37,6 +35,9 @@ from turbokit.openvino_warm import LaunchRecord, launch_key
 from turbokit.precision import Precision, choose_precision, parse_device
 from turbokit.prompt_cache import PromptCache
 from turbokit.quantize import check_quantize, quantize_unet
+
+if TYPE_CHECKING:  # diffusers is imported when a model is loaded: a warm OpenVINO launch runs without it
+    from diffusers import AutoencoderKL, AutoencoderTiny
 
 log = logging.getLogger("turbokit")
 
@@ -104,8 +105,13 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, co
     """Move a model to its device and dtype, in inference mode; convolutional models go channels-last,
     the layout oneDNN and cuDNN convolve fastest (measured: 30% off the SD VAE decode on a CPU).
     Their upsamplers run as transposed convolutions (`turbokit.fused_upsample`: exact, less work).
-    A module without weights (`load_folder(empty_unet=True)`) only takes the dtype."""
+    A module without weights (`load_folder(empty_unet=True)`) only takes the dtype; a converted stand-in
+    (`turbokit.converted`) is left as it is."""
+    if isinstance(module, converted.Converted | converted.ConvertedVae):
+        return module
     if conv:
+        from turbokit.fused_upsample import fuse_upsamplers  # imports diffusers
+
         fuse_upsamplers(module)
     if next(module.parameters()).is_meta:
         return module.to(dtype).eval().requires_grad_(False)
@@ -152,7 +158,8 @@ class TurboPipeline:
         self.compile_mode = compile
         check_compile(compile, device, quantize)
         if compile is not None:
-            use_disk_cache()
+            if compile != "openvino":  # inductor's caches (importing inductor takes a warm OpenVINO launch ~1 s)
+                use_disk_cache()
             # compiled lazily, at the first call of each (and again per new shape)
             decoders = {"vae-decoder": self.vae.decoder}
             if self.tiny_vae is not None:
@@ -163,14 +170,26 @@ class TurboPipeline:
             elif compile == "openvino":
                 cache = cache_root() / "openvino"
                 record = None if launch is None else LaunchRecord(cache, launch)
-                folder, load = model.extra.get("unet_folder"), model.extra.get("load_unet")
+                # a model from a folder is known to the cache by its files (a warm launch need not read weights)
+                sources, loaders = model.extra.get("sources", {}), model.extra.get("loaders", {})
                 compile_openvino(
-                    self.unet, cache, "unet", precision.compute, folder, load, quantize, self._calibrate_unet, record
+                    self.unet,
+                    cache,
+                    "unet",
+                    precision.compute,
+                    sources.get("unet"),
+                    loaders.get("unet"),
+                    quantize,
+                    self._calibrate_unet,
+                    record,
                 )
                 for name, module in decoders.items():
-                    compile_openvino(module, cache, name, precision.vae, record=record)
+                    source, load = sources.get(name), loaders.get(name)
+                    compile_openvino(module, cache, name, precision.vae, source, load, record=record)
                 for i, encoder in enumerate(self.text_encoders):
-                    compile_openvino(encoder, cache, f"text-encoder-{i + 1}", precision.compute, record=record)
+                    name = f"text-encoder-{i + 1}"
+                    source, load = sources.get(name), loaders.get(name)
+                    compile_openvino(encoder, cache, name, precision.compute, source, load, record=record)
             else:
                 for module in (self.unet, *decoders.values(), *self.text_encoders):
                     compile_module(module, device, compile)
@@ -179,10 +198,19 @@ class TurboPipeline:
         self.family: Family = build_family(model.family, c, zeros)  # c's encoders are the placed ones
         self.encode = PromptCache(self._encode_new_prompts)
         self.encode_tokenizer = c["tokenizer"]
-        # diffusers computes ᾱ from the scheduler config (beta schedule, zero-SNR rescale); reuse it.
-        self.alphas_cumprod = EulerDiscreteScheduler.from_config(self.scheduler.config).alphas_cumprod
+        if isinstance(self.scheduler, converted.Schedule):  # a warm OpenVINO launch: diffusers' ᾱ, cached
+            self.alphas_cumprod, scheduler_name = self.scheduler.alphas_cumprod, self.scheduler.class_name
+        else:
+            from diffusers.schedulers import EulerDiscreteScheduler
+
+            # diffusers computes ᾱ from the scheduler config (beta schedule, zero-SNR rescale); reuse it.
+            self.alphas_cumprod = EulerDiscreteScheduler.from_config(self.scheduler.config).alphas_cumprod
+            scheduler_name = type(self.scheduler).__name__
+            if compile == "openvino" and "folder" in model.extra:  # for the next, warm, launch
+                cache, folder = cache_root() / "openvino", model.extra["folder"]
+                converted.save_schedule(cache, folder, self.scheduler, self.alphas_cumprod)
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        self.default_sampler = "euler_a" if "Ancestral" in type(self.scheduler).__name__ else "euler"
+        self.default_sampler = "euler_a" if "Ancestral" in scheduler_name else "euler"
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.native_size = self.unet.config.sample_size * self.vae_scale_factor
 
@@ -214,13 +242,19 @@ class TurboPipeline:
         check_compile(compile, device, quantize)
         force_upcast = bool(vae_config(model).get("force_upcast", True))
         precision = choose_precision(device, dtype, force_upcast)
+        launch = launch_key(model, dtype, quantize) if compile == "openvino" else None
+        if compile == "openvino" and tiny_vae is None:  # a warm launch runs its converted models without diffusers
+            place_vae = functools.partial(_place, device=device, dtype=precision.vae, conv=True)
+            warm = converted.load_converted(model, cache_root() / "openvino", precision, allow_pickle, place_vae)
+            if warm is not None:
+                return cls(warm, device, precision, None, quantize, compile, launch)
         # a UNet that OpenVINO runs from a converted copy need not be read at all (warm start)
-        empty = compile == "openvino" and converted_before(model, cache_root() / "openvino", "unet")
+        unet_folder = Path(model).expanduser() / "unet"
+        empty = compile == "openvino" and converted_before(unet_folder, cache_root() / "openvino", "unet")
         loaded = load_model(
             model, allow_pickle=allow_pickle, dtype=precision.compute, vae_dtype=precision.vae, empty_unet=empty
         )
         decoder = None if tiny_vae is None else load_tiny_vae(tiny_vae, precision.vae)
-        launch = launch_key(model, dtype, quantize) if compile == "openvino" else None
         return cls(loaded, device, precision, decoder, quantize, compile, launch)
 
     # ------------------------------------------------------------------ sampling
