@@ -150,8 +150,20 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_cli_eval_and_errors(root, capsys):
-    evaluator = root / "evaluator"
+@pytest.fixture
+def evaluator(root) -> Path:
+    """The eval stage's evaluator: the one test_distill_and_eval_stages trained, or trained here when this test
+    runs alone."""
+    folder = root / "evaluator"
+    if not (folder / "model.safetensors").is_file():
+        from turbokit.recipes import evaluator as evaluation
+
+        trained = evaluation.train_evaluator(TINY.evaluator_samples, TINY.evaluator_steps, 16, seed=0, progress=False)
+        trained.save(folder)
+    return folder
+
+
+def test_cli_eval_and_errors(root, evaluator, capsys):
     code = main(
         [
             "eval",
