@@ -2,7 +2,7 @@
 
 Once every model of a diffusers folder has been converted to OpenVINO (`turbokit.openvino_backend`), the
 pipeline runs them from the converted copies and needs of each only its config. Importing diffusers' model
-classes costs ~4 s of a 2-core CPU (their import graph pulls in peft, torch._dynamo, scipy and torchao): more
+classes costs ~5–6 s of a 2-core CPU (their import graph pulls in peft, torch._dynamo, scipy and torchao): more
 than half an image. So a warm launch builds stand-ins: modules that hold a component's config and no weights,
 whose forward the OpenVINO dispatcher replaces. A stand-in reads its real diffusers component — importing
 diffusers then — only when a shape not converted yet is asked for (and the VAE's, when an image must be
