@@ -45,12 +45,12 @@ class Config(dict):
 
 class Converted(torch.nn.Module):
     """A component run only from its converted copies: its config, no weights. `compile_openvino` gives it its
-    forward; `load` reads the real component when a new shape must be converted."""
+    forward (and, from the model's `extra["loaders"]`, the loader that reads the real component when a new
+    shape must be converted)."""
 
-    def __init__(self, config: dict, load: Loader) -> None:
+    def __init__(self, config: dict) -> None:
         super().__init__()
         self.config = Config(config)
-        self.load = load
 
     @property
     def device(self) -> torch.device:
@@ -106,8 +106,13 @@ def save_schedule(cache: Path, root: Path, scheduler: Any, alphas_cumprod: torch
         "config": dict(scheduler.config),
         "alphas_cumprod": alphas_cumprod.tolist(),
     }
+    try:
+        text = json.dumps(entry)
+    except TypeError:  # a config value JSON cannot hold: no warm launch for this model, never a failed one
+        log.debug(f"the schedule of {root} cannot be cached: {entry['config']}")
+        return
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(entry))
+    partial.write_text(text)
     partial.replace(path)
 
 
@@ -199,20 +204,20 @@ def load_converted(
     from transformers import CLIPTokenizer
 
     components: dict[str, object] = {
-        "unet": Converted(unet_config, loaders["unet"]),
+        "unet": Converted(unet_config),
         "vae": ConvertedVae(
             vae_config,
-            Converted({}, decoder),
+            Converted({}),
             post_quant_conv,
             lambda: place_vae(part("vae", precision.vae)()),
         ),
-        "text_encoder": Converted(text_config, loaders["text-encoder-1"]),
+        "text_encoder": Converted(text_config),
         "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
         "scheduler": schedule,
     }
     if family == "sdxl":
         loaders["text-encoder-2"] = part("text_encoder_2", precision.compute)
-        components["text_encoder_2"] = Converted(_config(root / "text_encoder_2") or {}, loaders["text-encoder-2"])
+        components["text_encoder_2"] = Converted(_config(root / "text_encoder_2") or {})
         components["tokenizer_2"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")
     extra = {
         "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
