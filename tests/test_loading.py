@@ -50,6 +50,23 @@ def test_pickle_only_folder_is_refused_unless_allowed(tiny_models, tmp_path):
     assert load_model(folder, **{**F32, "allow_pickle": True}).family == "sd2"
 
 
+def test_sharded_folder_loads_without_a_bar_when_bars_are_off(tiny_models, tmp_path, monkeypatch, capfd):
+    from diffusers.utils import logging as diffusers_logging
+
+    folder = shutil.copytree(tiny_models["sd1"], tmp_path / "sharded")
+    unet = load_model(folder, **F32).components["unet"]
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet", max_shard_size="100KB")
+    assert len(list((folder / "unet").glob("*.safetensors"))) > 1
+    capfd.readouterr()
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # what the CLI sets
+    try:
+        load_model(folder, **F32)
+    finally:
+        diffusers_logging.enable_progress_bar()
+    assert "Loading checkpoint shards" not in capfd.readouterr().err
+
+
 def test_hub_id_offline_gives_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="not available locally") as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +66,13 @@ def _weights_variant(folder: Path, allow_pickle: bool) -> tuple[bool, str | None
 
 def _classes() -> dict[str, type]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    # diffusers' own bars (a sharded checkpoint's "Loading checkpoint shards") have no variable of their own:
+    # honour the hub's, which the CLI sets (it cannot import diffusers early to call this; turbokit.converted)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        diffusers_logging.disable_progress_bar()
     return {
         "unet": UNet2DConditionModel,
         "vae": AutoencoderKL,
