@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 # The web page's tests drive Debian's Chromium (.ci/run installs it); without it they skip, saying why.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py
