@@ -60,10 +60,12 @@ def test_sharded_folder_loads_without_a_bar_when_bars_are_off(tiny_models, tmp_p
     assert len(list((folder / "unet").glob("*.safetensors"))) > 1
     capfd.readouterr()
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # what the CLI sets
+    bars_were_on = diffusers_logging.is_progress_bar_enabled()
     try:
         load_model(folder, **F32)
-    finally:
-        diffusers_logging.enable_progress_bar()
+    finally:  # the setting is process-wide: leave it as the test found it
+        if bars_were_on:
+            diffusers_logging.enable_progress_bar()
     assert "Loading checkpoint shards" not in capfd.readouterr().err
 
 
