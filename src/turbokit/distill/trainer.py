@@ -35,6 +35,7 @@ from turbokit.distill.step import StepBatch, StepModels, distill_step
 from turbokit.errors import TurbokitError
 from turbokit.families import Conditioning, SDFamily, SDXLFamily, build_family
 from turbokit.loading import LoadedModel, load_model
+from turbokit.precision import cpu_has_native_bf16
 
 log = logging.getLogger("turbokit")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -89,6 +90,15 @@ def ladd_timesteps(n: int, gen: torch.Generator, alphas_cumprod: Tensor, mean: f
 def train(cfg: DistillConfig) -> Path:
     """Distil `cfg.teacher` into a Turbo student; returns the exported student folder."""
     cfg.validate()
+    try:
+        return _train(cfg)
+    finally:
+        # accelerate keeps its settings (mixed precision, ...) process-wide; forget them, after a failed run
+        # too, so that a later train() in the same process may use others. The process group is kept.
+        AcceleratorState._reset_state()
+
+
+def _train(cfg: DistillConfig) -> Path:
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -104,6 +114,11 @@ def train(cfg: DistillConfig) -> Path:
     if cfg.use_lora and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         raise TurbokitError("--use_lora is supported with DDP, not with FSDP or DeepSpeed (LoRA fits one GPU)")
     device, weight_dtype = accelerator.device, _weight_dtype(cfg.mixed_precision)
+    if cfg.mixed_precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning(
+            "this CPU has no native bf16 (AVX512-BF16 or AMX), so --mixed_precision bf16 is emulated and far "
+            "slower than fp32 (14x in the shapes recipe on an AVX2 CPU); pass --mixed_precision no"
+        )
 
     # Data first: a bad path or an empty dataset fails before any model is loaded.
     source = distill_data.build_source(cfg.data, synthetic=cfg.synthetic)
@@ -297,9 +312,6 @@ def train(cfg: DistillConfig) -> Path:
     final = out / "student"
     export(final)
     accelerator.end_training()
-    # accelerate keeps its settings (mixed precision, ...) process-wide; forget them so that a later
-    # train() in the same process may use others. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
     return final
 
 

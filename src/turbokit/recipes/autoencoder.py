@@ -2,7 +2,8 @@
 
 A 4× autoencoder (three levels, 32–64 channels, 4 latent channels → 16×16×4 latents): `shapes` scenes
 are flat colours with sharp edges, so an L1 + L2 + small-KL objective, weighted towards the objects,
-reconstructs them without the perceptual or adversarial losses SD's VAE needs (bf16 autocast). At the
+reconstructs them without the perceptual or adversarial losses SD's VAE needs (bf16 autocast where the CPU has
+it natively). At the
 end the latents' scaling factor is set to 1/std of held-out latents, as SD does, so the diffusion stages
 see unit-variance latents.
 """
@@ -15,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from turbokit import metrics
+from turbokit.precision import cpu_has_native_bf16
 from turbokit.recipes.training import StageRun, finished, set_lr, shapes_batch, step_generator, warmup_cosine
 
 OBJECT_WEIGHT = 10.0
@@ -80,11 +82,12 @@ def train_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     run = StageRun(folder, {"vae": vae}, optimizer, steps, label="vae")
     run.resume()
+    bf16 = cpu_has_native_bf16()
     vae.train()
     for step in run.steps(progress=progress):
         set_lr(optimizer, lr, warmup_cosine(step, steps, 50))
         pixels, _ = shapes_batch("train", step, batch_size, seed=seed)
-        losses = vae_loss(vae, pixels, step_generator(seed, step))
+        losses = vae_loss(vae, pixels, step_generator(seed, step), autocast=bf16)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

@@ -3,8 +3,9 @@
 A diffusers `UNet2DConditionModel` in SD 2.x's conventions (linear attention projections, 64-wide
 cross-attention to the CLIP text states of `turbokit.recipes.clip`), ε-prediction on the
 scaled_linear β schedule with 1000 steps, as SD trains, with offset noise and Min-SNR-γ weighting;
-10% of captions are dropped so that classifier-free guidance works. Trained in bf16 autocast with fp32
-weights and an EMA, which is what is kept. The result is an ordinary SD 2.x diffusers folder:
+10% of captions are dropped so that classifier-free guidance works. Trained in bf16 autocast (fp32 on a CPU
+without native bf16, where it would be emulated) with fp32 weights and an EMA, which is what is kept. The
+result is an ordinary SD 2.x diffusers folder:
 `turbokit generate -m teacher`, diffusers' `StableDiffusionPipeline` and
 `turbokit distill --pretrained_teacher_model` all load it.
 """
@@ -21,6 +22,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from turbokit.compat import save_pretrained
 from turbokit.configs import turbo_config_dir
+from turbokit.precision import cpu_has_native_bf16
 from turbokit.recipes.training import (
     StageRun,
     finished,
@@ -152,6 +154,7 @@ def train_teacher(
     vae.eval().requires_grad_(False)
     text_encoder.train().requires_grad_(True)
     schedule = noise_schedule()
+    bf16 = cpu_has_native_bf16()
     unet.train()
     for step in run.steps(progress=progress):
         set_lr(optimizer, (lr, lr * TEXT_LR_RATIO), warmup_cosine(step, steps, 200))
@@ -160,7 +163,7 @@ def train_teacher(
         drop = torch.rand(len(captions), generator=generator) < CAPTION_DROPOUT
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         states = encode_text(text_encoder, tokenizer, captions)
-        loss = teacher_loss(unet, vae, states, pixels, generator, schedule, snr_gamma=snr_gamma)
+        loss = teacher_loss(unet, vae, states, pixels, generator, schedule, autocast=bf16, snr_gamma=snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
