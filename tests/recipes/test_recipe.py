@@ -92,17 +92,25 @@ def test_a_stage_needs_the_one_before(tmp_path):
         recipe.stage_teacher(tmp_path, TINY, 0, False)
 
 
+def test_main_is_the_shipped_configuration_and_both_the_study_base(root):
+    main, both = (recipe.distill_config(root, name, TINY, 0, False) for name in ("main", "both"))
+    assert (main.distill_weighting, main.teacher_steps, main.max_train_steps) == ("nfsd", 1, TINY.distill_steps)
+    assert (both.distill_weighting, both.teacher_steps, both.max_train_steps) == ("exponential", 8, 1)
+    assert main.export_steps == str(TINY.ablation_steps)  # the weighting-nfsd row, read from main
+
+
 def test_distill_and_eval_stages(root):
-    recipe.stage_distill(root, TINY, 0, False, runs=["main", "ladd"])
+    recipe.stage_distill(root, TINY, 0, False, runs=["main", "ladd", "weighting-nfsd"])
     student = root / "student" / "main" / "student"
     assert (student / "model_index.json").is_file()
     recipe.stage_eval(root, TINY, 0, False)
     rows = [json.loads(line) for line in (root / "eval" / "results.jsonl").read_text().splitlines()]
     names = {(r["name"], r["steps"]) for r in rows}
     assert ("teacher", 50) in names and ("student", 1) in names and ("ablation ladd", 1) in names
-    assert ("ablation adv-only", 1) not in names  # never trained: no row, not a fake one
-    both = next(r for r in rows if r["name"] == "ablation both")  # the main run at the ablation budget
-    assert both["model"].endswith("student-step-1")
+    assert ("ablation adv-only", 1) not in names and ("ablation both", 1) not in names  # never trained: no row
+    nfsd = next(r for r in rows if r["name"] == "ablation weighting-nfsd")  # main's options: main at that budget
+    assert nfsd["model"].endswith("student-step-1")
+    assert not (root / "student" / "weighting-nfsd").exists()  # and not trained a second time
     for r in rows:
         assert 0 <= r["alignment"] <= 1 and r["fid"] >= 0 and r["images"] == 8 and r["seconds_per_image"] > 0
     recipe.stage_eval(root, TINY, 0, False)  # resumable: rows already there are not repeated
