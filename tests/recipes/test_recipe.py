@@ -143,11 +143,11 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "SAVE_EVERY_S", 0.0)  # save after every step
     calls, loss = [], autoencoder.vae_loss
 
-    def dies_on_the_third_step(*args):
+    def dies_on_the_third_step(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # the session ends mid-stage
-        return loss(*args)
+        return loss(*args, **kwargs)
 
     monkeypatch.setattr(autoencoder, "vae_loss", dies_on_the_third_step)
     with pytest.raises(KeyboardInterrupt):
