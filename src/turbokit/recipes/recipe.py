@@ -133,10 +133,10 @@ def distill_config(root: Path, name: str, budget: Budget, seed: int, progress: b
     """The `turbokit distill` configuration of run `name`; the command line it equals is in docs/results.md."""
     from turbokit.distill.config import DistillConfig
 
+    # the study's base ("both"); main and the ablations override it (DISTILL_RUNS)
     options: dict[str, object] = dict(
         teacher=str(_require(root / "teacher", "teacher") / "model"),
         data=f"shapes:train?n=1000000&size=64&seed={seed + 3}",
-        # the study's base ("both"); main and the ablations override it
         output_dir=str(root / "student" / name),
         method="add",
         # The teacher's one-step x̂₀ is speckled (its ε errors × σ/α at high t), so the target is its DDIM
