@@ -330,3 +330,29 @@ def test_emulated_bf16_on_the_cpu_is_warned_about(tiny_models, tmp_path, monkeyp
 
     Accelerator(mixed_precision="no")  # the failed run left no process-wide bf16 setting behind
     AcceleratorState._reset_state()
+
+
+def test_the_student_can_start_from_another_model(tiny_models, dino, images, tmp_path):
+    """--student_init: train a finished student further (or fine-tune a released Turbo model) instead of
+    starting again from the teacher."""
+    first = train(_config(tiny_models, dino, images, tmp_path / "first", student_prediction_type="v_prediction"))
+    with pytest.raises(TurbokitError, match="predicts v_prediction but the student is to predict epsilon"):
+        train(_config(tiny_models, dino, images, tmp_path / "eps", student_init=str(first)))
+    with pytest.raises(TurbokitError, match="not the teacher's architecture"):
+        train(_config(tiny_models, dino, images, tmp_path / "xl", student_init=str(tiny_models["sdxl"])))
+    frozen = train(  # next to no learning: the export is the model it started from, not the teacher
+        _config(
+            tiny_models,
+            dino,
+            images,
+            tmp_path / "again",
+            student_init=str(first),
+            student_prediction_type="v_prediction",
+            learning_rate=1e-12,
+            max_train_steps=1,
+        )
+    )
+    start, end, teacher = _unet_state(first), _unet_state(frozen), _unet_state(tiny_models["sd2"])
+    for key in start:
+        torch.testing.assert_close(end[key], start[key], rtol=0, atol=1e-9, msg=key)
+    assert max((start[k] - teacher[k]).abs().max() for k in start) > 1e-4

@@ -38,6 +38,11 @@ class DistillConfig:
     teacher: str = _opt(
         "", "teacher model: diffusers folder, .safetensors file or hub id (the student starts as a copy)"
     )
+    student_init: str = _opt(
+        "",
+        "start the student from this model's UNet instead of the teacher's: a finished student to train further, "
+        "or a released Turbo model to fine-tune (the teacher's architecture and the student's prediction type)",
+    )
     data: str = _opt(
         "",
         "image folder with .txt captions, a .jsonl of {image, text}, .tar shards, or a prompts file with --synthetic",

@@ -98,6 +98,25 @@ def train(cfg: DistillConfig) -> Path:
         AcceleratorState._reset_state()
 
 
+def _initial_student(cfg: DistillConfig, teacher: LoadedModel) -> nn.Module:
+    """The student's UNet in fp32: a copy of the teacher's (the paper), or `--student_init`'s."""
+    unet_t = teacher.components["unet"]
+    if not cfg.student_init:
+        return copy.deepcopy(unet_t).float()
+    init = load_model(cfg.student_init, allow_pickle=cfg.allow_pickle, dtype=torch.float32, vae_dtype=torch.float32)
+    unet = init.components["unet"].float()
+    theirs, ours = unet.state_dict(), unet_t.state_dict()
+    if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
+        raise TurbokitError(f"--student_init {cfg.student_init}: its UNet is not the teacher's architecture")
+    predicts, wanted = init.components["scheduler"].config.get("prediction_type", "epsilon"), cfg.student_prediction(teacher)
+    if predicts != wanted:
+        raise TurbokitError(
+            f"--student_init {cfg.student_init} predicts {predicts} but the student is to predict {wanted}: "
+            f"pass --student_prediction_type {predicts}"
+        )
+    return unet
+
+
 def _train(cfg: DistillConfig) -> Path:
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
@@ -144,7 +163,7 @@ def _train(cfg: DistillConfig) -> Path:
     )
 
     # Frozen parts in the compute dtype; the student keeps fp32 master weights (autocast does the rest).
-    student = copy.deepcopy(unet_t).float().train()
+    student = _initial_student(cfg, teacher).train()
     for module in [unet_t, vae, c["text_encoder"], c.get("text_encoder_2")]:
         if module is not None:
             module.requires_grad_(False).eval().to(device, weight_dtype)
