@@ -108,7 +108,8 @@ def _initial_student(cfg: DistillConfig, teacher: LoadedModel) -> nn.Module:
     theirs, ours = unet.state_dict(), unet_t.state_dict()
     if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
         raise TurbokitError(f"--student_init {cfg.student_init}: its UNet is not the teacher's architecture")
-    predicts, wanted = init.components["scheduler"].config.get("prediction_type", "epsilon"), cfg.student_prediction(teacher)
+    predicts = init.components["scheduler"].config.get("prediction_type", "epsilon")
+    wanted = cfg.student_prediction(teacher)
     if predicts != wanted:
         raise TurbokitError(
             f"--student_init {cfg.student_init} predicts {predicts} but the student is to predict {wanted}: "
