@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from turbokit import TurboPipeline
+from turbokit import TurboPipeline, precision
 from turbokit.cli import main
-from turbokit.distill import trainer
 from turbokit.distill.config import DistillConfig
 from turbokit.distill.trainer import train
 from turbokit.errors import TurbokitError
@@ -311,7 +310,7 @@ def test_a_v_prediction_student_of_an_epsilon_teacher_says_so_and_samples_alike_
 
 def test_emulated_bf16_on_the_cpu_is_warned_about(tiny_models, tmp_path, monkeypatch, capsys):
     """bf16 without the hardware is 14x slower than fp32: the user hears it before a long run starts."""
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     argv = [
         "distill",
         "--method",

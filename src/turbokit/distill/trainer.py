@@ -35,7 +35,7 @@ from turbokit.distill.step import StepBatch, StepModels, distill_step
 from turbokit.errors import TurbokitError
 from turbokit.families import Conditioning, SDFamily, SDXLFamily, build_family
 from turbokit.loading import LoadedModel, load_model
-from turbokit.precision import cpu_has_native_bf16
+from turbokit.precision import training_mixed_precision
 
 log = logging.getLogger("turbokit")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -134,7 +134,7 @@ def _train(cfg: DistillConfig) -> Path:
     if cfg.use_lora and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         raise TurbokitError("--use_lora is supported with DDP, not with FSDP or DeepSpeed (LoRA fits one GPU)")
     device, weight_dtype = accelerator.device, _weight_dtype(cfg.mixed_precision)
-    if cfg.mixed_precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    if cfg.mixed_precision == "bf16" and device.type == "cpu" and training_mixed_precision(device) != "bf16":
         log.warning(
             "this CPU has no native bf16 (AVX512-BF16 or AMX), so --mixed_precision bf16 is emulated and far "
             "slower than fp32 (14x in the shapes recipe on an AVX2 CPU); pass --mixed_precision no"

@@ -2,10 +2,9 @@
 
 A 4× autoencoder (three levels, 32–64 channels, 4 latent channels → 16×16×4 latents): `shapes` scenes
 are flat colours with sharp edges, so an L1 + L2 + small-KL objective, weighted towards the objects,
-reconstructs them without the perceptual or adversarial losses SD's VAE needs (bf16 autocast where the CPU has
-it natively). At the
-end the latents' scaling factor is set to 1/std of held-out latents, as SD does, so the diffusion stages
-see unit-variance latents.
+reconstructs them without the perceptual or adversarial losses SD's VAE needs (bf16 autocast where the CPU
+has it natively). At the end the latents' scaling factor is set to 1/std of held-out latents, as SD does, so
+the diffusion stages see unit-variance latents.
 """
 
 from __future__ import annotations
