@@ -55,11 +55,15 @@ def test_add_trains_and_exports_a_loadable_turbo_student(tiny_models, dino, imag
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_models, dino, images, tmp_path):
-    straight = train(_config(tiny_models, dino, images, tmp_path / "straight", max_train_steps=3))
-    _ = train(_config(tiny_models, dino, images, tmp_path / "split", max_train_steps=1))
+# the recipe's runs are bf16 + EMA + warm-up: a resumption must restore the EMA and the schedule exactly too
+@pytest.mark.parametrize("opts", [{}, dict(mixed_precision="bf16", use_ema=True, ema_decay=0.9, lr_warmup_steps=2)])
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_models, dino, images, tmp_path, opts):
+    straight = train(_config(tiny_models, dino, images, tmp_path / "straight", max_train_steps=3, **opts))
+    _ = train(_config(tiny_models, dino, images, tmp_path / "split", max_train_steps=1, **opts))
     resumed = train(
-        _config(tiny_models, dino, images, tmp_path / "split", max_train_steps=3, resume_from_checkpoint="latest")
+        _config(
+            tiny_models, dino, images, tmp_path / "split", max_train_steps=3, resume_from_checkpoint="latest", **opts
+        )
     )
     a, b = _unet_state(straight), _unet_state(resumed)
     for key in a:
