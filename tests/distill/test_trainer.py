@@ -15,6 +15,9 @@ from turbokit.distill.trainer import train
 from turbokit.errors import TurbokitError
 from turbokit.loading import load_model
 
+# the recipe's training setting in small: bf16 autocast, EMA, a warm-up that spans a resumption at step 1
+RECIPE_LIKE = dict(mixed_precision="bf16", use_ema=True, ema_decay=0.9, lr_warmup_steps=2)
+
 
 def _config(tiny_models, dino, images, out: Path, **overrides) -> DistillConfig:
     values = dict(
@@ -56,7 +59,7 @@ def test_add_trains_and_exports_a_loadable_turbo_student(tiny_models, dino, imag
 
 
 # the recipe's runs are bf16 + EMA + warm-up: a resumption must restore the EMA and the schedule exactly too
-@pytest.mark.parametrize("opts", [{}, dict(mixed_precision="bf16", use_ema=True, ema_decay=0.9, lr_warmup_steps=2)])
+@pytest.mark.parametrize("opts", [{}, RECIPE_LIKE])
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_models, dino, images, tmp_path, opts):
     straight = train(_config(tiny_models, dino, images, tmp_path / "straight", max_train_steps=3, **opts))
     _ = train(_config(tiny_models, dino, images, tmp_path / "split", max_train_steps=1, **opts))
@@ -72,7 +75,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_models, 
 
 def test_a_student_exported_in_mid_run_equals_a_shorter_run(tiny_models, dino, images, tmp_path):
     # bf16 + EMA: the export must neither change the frozen parts' compute dtype nor the EMA's weights
-    opts = dict(mixed_precision="bf16", use_ema=True, ema_decay=0.9, lr_warmup_steps=1)
+    opts = RECIPE_LIKE
     long = tmp_path / "long"
     train(_config(tiny_models, dino, images, long, max_train_steps=3, export_steps="2", **opts))
     short = train(_config(tiny_models, dino, images, tmp_path / "short", max_train_steps=2, **opts))
