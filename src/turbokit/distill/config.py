@@ -65,7 +65,11 @@ class DistillConfig:
     dino_resolution: int = _opt(224, "add: pixels the images are resized to for the DINOv2 features (paper: 224)")
     resolution: int = _opt(0, "training resolution in pixels (0: the teacher's native size)")
     # --- the method (ADD paper values where it gives them)
-    student_timesteps: str = _opt("999,749,499,249", "student timesteps τ_1..τ_N (paper: N = 4, trailing spacing)")
+    student_timesteps: str = _opt(
+        "999,749,499,249",
+        "student timesteps τ_1..τ_N, each sample drawing one uniformly (paper: N = 4, trailing spacing); a "
+        "timestep listed twice is drawn twice as often",
+    )
     student_prediction_type: str = _opt(
         "teacher",
         "what the student's UNet predicts: teacher (the same as the teacher) | epsilon | v_prediction | sample; "
