@@ -75,11 +75,10 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_models, 
 
 def test_a_student_exported_in_mid_run_equals_a_shorter_run(tiny_models, dino, images, tmp_path):
     # bf16 + EMA: the export must neither change the frozen parts' compute dtype nor the EMA's weights
-    opts = RECIPE_LIKE
     long = tmp_path / "long"
-    train(_config(tiny_models, dino, images, long, max_train_steps=3, export_steps="2", **opts))
-    short = train(_config(tiny_models, dino, images, tmp_path / "short", max_train_steps=2, **opts))
-    straight = train(_config(tiny_models, dino, images, tmp_path / "straight", max_train_steps=3, **opts))
+    train(_config(tiny_models, dino, images, long, max_train_steps=3, export_steps="2", **RECIPE_LIKE))
+    short = train(_config(tiny_models, dino, images, tmp_path / "short", max_train_steps=2, **RECIPE_LIKE))
+    straight = train(_config(tiny_models, dino, images, tmp_path / "straight", max_train_steps=3, **RECIPE_LIKE))
     for exported, plain in ((long / "student-step-2", short), (long / "student", straight)):
         a, b = _unet_state(exported), _unet_state(plain)
         for key in a:
