@@ -1,5 +1,7 @@
 """soup.py OUT A B [C ...]: a uniform average of students' UNets ("model soup"); the rest is copied from A.
 
+A model named twice counts twice (A B B: one third A, two thirds B).
+
 Students distilled from one teacher start from the same weights, so their weights can be averaged. This asks
 whether the average of two seeds is better than either seed (the 1-step seed spread is 23-45%).
 """
