@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 # The web page's tests drive Debian's Chromium (.ci/run installs it); without it they skip, saying why.
 # Two or more workers (pytest-xdist), one thread each: most tests are latency-bound (subprocess launches,
-# compilation, tiny models), so on CI's 2 cores this takes ~9.6 min against ~15 min serially with 2 threads.
+# compilation, tiny models), so on CI's 2 cores this takes 7.5–10 min against ~15 min serially with 2 threads.
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses=8 --durations=15
 
