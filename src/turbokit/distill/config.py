@@ -130,7 +130,11 @@ class DistillConfig:
     use_lora: bool = _opt(False, "train a LoRA (peft) instead of the full student")
     lora_rank: int = _opt(64, "LoRA rank")
     use_ema: bool = _opt(False, "keep an EMA of the student (exported instead of the raw weights)")
-    ema_decay: float = _opt(0.9999, "EMA decay")
+    ema_decay: float = _opt(
+        0.9999,
+        "EMA decay's ceiling: diffusers' EMAModel ramps it as (1 + step) / (10 + step), so 0.999 is reached only "
+        "after ~9000 steps (at step 1000 the decay is 0.991 whatever the ceiling above it)",
+    )
     mixed_precision: str = _opt("no", "no | fp16 | bf16 (accelerate)", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "recompute student activations in backward (less memory)")
     seed: int = _opt(0, "seed of data order, noise and initialisation")
