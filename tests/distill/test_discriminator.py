@@ -10,7 +10,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import Dinov2Config, Dinov2Model
 
-from turbokit.distill.discriminator import BatchNormLocal, Discriminator, TokenHead, build_discriminator
+from turbokit.distill.discriminator import (
+    BatchNormLocal,
+    Discriminator,
+    MinibatchStd,
+    TokenHead,
+    build_discriminator,
+)
 from turbokit.distill.feature_networks import DinoFeatures, TeacherFeatures
 from turbokit.errors import TurbokitError
 from turbokit.tiny import tiny_components
@@ -200,6 +206,49 @@ def test_virtual_batch_norm_takes_any_batch_size(batch: int) -> None:
         assert torch.equal(norm(x2)[: len(groups[0])], y[: len(groups[0])])
     head = TokenHead(8, c_dim=TEXT_DIM)
     assert head(torch.randn(batch, 8, 16), torch.randn(batch, TEXT_DIM)).shape == (batch, 16)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 9])
+def test_minibatch_std_measures_each_groups_spread(batch: int) -> None:
+    torch.manual_seed(0)
+    layer = MinibatchStd(4)
+    x = torch.randn(1, 5, 7).repeat(batch, 1, 1)  # a collapsed batch: every sample the same
+    y = layer(x)
+    assert y.shape == (batch, 6, 7) and torch.equal(y[:, :5], x)
+    assert y[:, 5].abs().max() < 1e-3
+    spread = torch.randn(batch, 5, 7) * 2
+    groups = spread.tensor_split(-(-batch // 4))  # ⌈B / 4⌉ nearly equal groups
+    expected = torch.cat([g.std(0, unbiased=False).mean().expand(len(g), 7) for g in groups])
+    assert torch.allclose(layer(spread)[:, 5], expected, atol=1e-3)
+
+
+def test_a_minibatch_std_head_sees_variety_that_batch_norm_hides() -> None:
+    """After the per-group batch norm a collapsed group still has unit variance per channel (over positions),
+    but the std channel the output conv reads is ~0 for it and large for a varied group."""
+    torch.manual_seed(0)
+    head = TokenHead(8, c_dim=0, minibatch_std=4)
+    assert head.out.in_channels == 9
+    seen = []
+    head.out.register_forward_pre_hook(lambda _, args: seen.append(args[0][:, 8, 0]))
+    varied = torch.randn(8, 8, 16)
+    collapsed = varied[:1].repeat(8, 1, 1) + 1e-4 * torch.randn(8, 8, 16)
+    head(varied), head(collapsed)
+    normalised = head.main[0][:2](collapsed)  # the first conv and its batch norm
+    assert torch.allclose(normalised.var((0, 2), unbiased=False), torch.ones(8), atol=1e-2)
+    assert seen[0].min() > 0.3 and seen[1].max() < 0.01
+
+
+def test_build_discriminator_gives_every_head_the_std_channel(dino: DinoFeatures, unets: dict[str, nn.Module]) -> None:
+    for disc in (
+        build_discriminator("add", dino=dino, text_dim=TEXT_DIM, minibatch_std=2),
+        build_discriminator("ladd", teacher_unet=unets["sd2"], text_dim=TEXT_DIM, minibatch_std=2),
+    ):
+        assert all(isinstance(head.main[-1], MinibatchStd) and head.main[-1].group == 2 for head in disc.heads)
+    plain = build_discriminator("add", dino=dino, text_dim=TEXT_DIM)
+    assert not any(isinstance(m, MinibatchStd) for m in plain.modules())
+    disc = build_discriminator("add", dino=dino, text_dim=TEXT_DIM, conditioning="text", minibatch_std=2)
+    logits = disc(images(3), torch.randn(3, TEXT_DIM))
+    assert [t.shape[0] for t in logits] == [3] * len(disc.heads)
 
 
 def test_every_head_conv_is_spectrally_normalised(dino: DinoFeatures, unets: dict[str, nn.Module]) -> None:

@@ -58,8 +58,9 @@ def test_add_trains_and_exports_a_loadable_turbo_student(tiny_models, dino, imag
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
-# the recipe's runs are bf16 + EMA + warm-up: a resumption must restore the EMA and the schedule exactly too
-@pytest.mark.parametrize("opts", [{}, RECIPE_LIKE])
+# the recipe's runs are bf16 + EMA + warm-up: a resumption must restore the EMA and the schedule exactly too;
+# heads with a minibatch-std channel have their own shapes to checkpoint
+@pytest.mark.parametrize("opts", [{}, RECIPE_LIKE, {"disc_minibatch_std": 2}])
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_models, dino, images, tmp_path, opts):
     straight = train(_config(tiny_models, dino, images, tmp_path / "straight", max_train_steps=3, **opts))
     _ = train(_config(tiny_models, dino, images, tmp_path / "split", max_train_steps=1, **opts))
@@ -152,6 +153,13 @@ def test_ladd_trains_on_latents(tiny_models, images, tmp_path, family):
                 *("--max_train_steps", "3", "--export_steps", "2,4"),
             ],
             "--export_steps must lie in [1, --max_train_steps]",
+        ),
+        (
+            [
+                *("--teacher", "TEACHER", "--data", "IMAGES", "--output_dir", "OUT", "--method", "ladd"),
+                *("--disc_minibatch_std", "1"),
+            ],
+            "--disc_minibatch_std is a group size of at least 2",
         ),
     ],
 )

@@ -111,6 +111,11 @@ class DistillConfig:
         "add: differentiable augmentation of the discriminator's images: none | translation | cutout, comma-separated "
         "(StyleGAN-T's DiffAugment without colour)",
     )
+    disc_minibatch_std: int = _opt(
+        0,
+        "group size of a minibatch-std channel before each discriminator head's output (StyleGAN), so that the "
+        "heads see how varied the student's samples are; 0: off, as in ADD",
+    )
     ladd_noise_mean: float = _opt(1.0, "ladd: logit-normal location m of the discriminator's re-noising level")
     ladd_noise_std: float = _opt(1.0, "ladd: logit-normal scale s")
     # --- optimisation
@@ -224,6 +229,10 @@ class DistillConfig:
             self.disc_conditioning = "text"  # LADD conditions on text and noise level; there is no image encoder
         if self.disc_augment_policy and self.method != "add":
             raise TurbokitError("--disc_augment applies to --method add's pixel discriminator only")
+        if self.disc_minibatch_std < 0 or self.disc_minibatch_std == 1:
+            raise TurbokitError(
+                f"--disc_minibatch_std is a group size of at least 2 (0: off), not {self.disc_minibatch_std}"
+            )
         steps = self.student_timestep_list
         if not steps or any(not 0 <= t <= 999 for t in steps):
             raise TurbokitError(f"--student_timesteps must be integers in [0, 999], got {self.student_timesteps}")

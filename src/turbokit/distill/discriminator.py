@@ -64,6 +64,28 @@ class BatchNormLocal(nn.Module):
         return x * self.weight.view(shape) + self.bias.view(shape)
 
 
+class MinibatchStd(nn.Module):
+    """Appends one channel: how much the samples of each group of about `group` differ (StyleGAN's minibatch
+    standard deviation, Karras et al. 2018 §3, groups of 4 as in StyleGAN2).
+
+    The per-group batch norm rescales every group to unit variance, so a head that sees reals and fakes in
+    separate batches cannot tell a varied group from a collapsed one; this channel — the std across the group
+    per channel and position, averaged to one number — tells it, and its gradient asks the student for variety.
+    Groups are nearly equal splits, so any batch size works.
+    """
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = [
+            (g.var(0, unbiased=False) + 1e-8).sqrt().mean().expand(len(g), 1, *x.shape[2:])
+            for g in x.tensor_split(math.ceil(len(x) / self.group))
+        ]
+        return torch.cat([x, torch.cat(stats)], dim=1)
+
+
 class _Residual(nn.Module):
     def __init__(self, fn: nn.Module) -> None:
         super().__init__()
@@ -77,21 +99,31 @@ class TokenHead(nn.Module):
     """A StyleGAN-T head on ViT tokens (B, C, N) → logits per token (B, N).
 
     `c_dim` is the size of the condition vector; 0 means unconditional (the last conv then gives
-    the logit directly, with no projection term).
+    the logit directly, with no projection term). `minibatch_std` > 0 adds a `MinibatchStd` channel
+    over groups of that size before the last conv (not in ADD; off by default).
     """
 
     conv = nn.Conv1d
     kernel_size = 9  # StyleGAN-T's residual block
     padding_mode = "circular"
 
-    def __init__(self, channels: int, c_dim: int, cmap_dim: int = 64, virtual_batch: int = VIRTUAL_BATCH) -> None:
+    def __init__(
+        self,
+        channels: int,
+        c_dim: int,
+        cmap_dim: int = 64,
+        virtual_batch: int = VIRTUAL_BATCH,
+        minibatch_std: int = 0,
+    ) -> None:
         super().__init__()
         self.cmap_dim = cmap_dim
         self.main = nn.Sequential(
             self._block(channels, 1, virtual_batch),
             _Residual(self._block(channels, self.kernel_size, virtual_batch)),
+            *([MinibatchStd(minibatch_std)] if minibatch_std > 0 else []),
         )
-        self.out = spectral_norm(self.conv(channels, cmap_dim if c_dim > 0 else 1, kernel_size=1))
+        out_in = channels + (minibatch_std > 0)
+        self.out = spectral_norm(self.conv(out_in, cmap_dim if c_dim > 0 else 1, kernel_size=1))
         self.cmap = nn.Linear(c_dim, cmap_dim) if c_dim > 0 else None
 
     def _block(self, channels: int, kernel_size: int, virtual_batch: int) -> nn.Sequential:
@@ -125,9 +157,10 @@ class MapHead(TokenHead):
         c_dim: int,
         cmap_dim: int = 64,
         virtual_batch: int = VIRTUAL_BATCH,
+        minibatch_std: int = 0,
         noise_dim: int = NOISE_EMBED_DIM,
     ) -> None:
-        super().__init__(channels, c_dim + noise_dim, cmap_dim, virtual_batch)
+        super().__init__(channels, c_dim + noise_dim, cmap_dim, virtual_batch, minibatch_std)
         self.noise_embedding = nn.Sequential(
             Timesteps(noise_dim, flip_sin_to_cos=True, downscale_freq_shift=0),
             nn.Linear(noise_dim, noise_dim),
@@ -228,12 +261,14 @@ def build_discriminator(
     conditioning: str | None = None,
     cmap_dim: int = 64,
     virtual_batch: int = VIRTUAL_BATCH,
+    minibatch_std: int = 0,
 ) -> Discriminator:
     """The discriminator of `method` "add" (heads on `dino`) or "ladd" (heads on `teacher_unet`).
 
     `text_dim`: size of the pooled text embedding (SD 2.x: the CLIP text model's pooler output,
     1024; SDXL: the second encoder's projected embedding, 1280). `conditioning`: one of
     `CONDITIONINGS[method]`, by default everything the method supports ("text+image" / "text").
+    `minibatch_std`: group size of each head's `MinibatchStd` channel (0: none, as in ADD).
     """
     if method not in CONDITIONINGS:
         raise TurbokitError(f"unknown distillation method {method!r}; expected one of {tuple(CONDITIONINGS)}")
@@ -253,5 +288,7 @@ def build_discriminator(
         feature_network, head_type = TeacherFeatures(teacher_unet), MapHead
     enabled = conditioning.split("+")
     c_dim = (text_dim if "text" in enabled else 0) + (feature_network.cond_dims["image"] if "image" in enabled else 0)
-    heads = [head_type(channels, c_dim, cmap_dim, virtual_batch) for channels in feature_network.channels]
+    heads = [
+        head_type(channels, c_dim, cmap_dim, virtual_batch, minibatch_std) for channels in feature_network.channels
+    ]
     return Discriminator(feature_network, heads, conditioning)

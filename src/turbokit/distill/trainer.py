@@ -182,7 +182,12 @@ def _train(cfg: DistillConfig) -> Path:
 
     set_seed(cfg.seed)  # the heads' random initialisation: the same run gives the same weights
     disc = build_discriminator(
-        cfg.method, dino=dino, teacher_unet=unet_t, text_dim=_pooled_dim(teacher), conditioning=cfg.disc_conditioning
+        cfg.method,
+        dino=dino,
+        teacher_unet=unet_t,
+        text_dim=_pooled_dim(teacher),
+        conditioning=cfg.disc_conditioning,
+        minibatch_std=cfg.disc_minibatch_std,
     ).to(device)
     opt_g = torch.optim.AdamW(
         student_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay
