@@ -120,11 +120,13 @@ def test_distill_and_eval_stages(root):
     # the figures of docs/results.md
     from turbokit.recipes import report
 
-    assert report.main(["--root", str(root), "--out", str(root / "figures")]) == 0
+    # one prompt: the study's three cost three times the teacher's 1–8, 25 and 50 steps
+    assert report.main(["--root", str(root), "--out", str(root / "figures"), "--prompt", "a red circle"]) == 0
     table = (root / "figures" / "table.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| teacher | 1 | 3 |")
     with Image.open(root / "figures" / "student-steps.png") as grid:
         assert grid.width >= 8 * 64 * report.SCALE  # eight step counts side by side
+        assert 64 * report.SCALE <= grid.height < 2 * 64 * report.SCALE  # one row: the prompt given
     assert (root / "figures" / "student-sizes.png").is_file() and (root / "figures" / "teacher-steps.png").is_file()
     shipped = recipe.stage_ship(root, TINY, 0, False)
     from safetensors import safe_open

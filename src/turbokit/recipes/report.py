@@ -3,7 +3,8 @@
     python -m turbokit.recipes.report --root build/recipe-shapes --out docs/results
 
 writes `table.md` (the rows of ROOT/eval/results.jsonl) and the grids: the same prompt and seed at 1–8
-steps (student and teacher), and the student at six sizes around its native 64×64.
+steps (student and teacher), and the student at six sizes around its native 64×64. `--prompt TEXT` (repeatable)
+draws the grids' rows from other prompts than the study's three.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", default="build/recipe-shapes")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--student", default=None, help="default: ROOT/student/main/student")
+    parser.add_argument("--prompt", action="append", help="a grid row's prompt (repeatable; default: the study's)")
     args = parser.parse_args(argv)
+    prompts = args.prompt or GRID_PROMPTS
     root, out = Path(args.root), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = root / "eval" / "results.jsonl"
@@ -99,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "table.md").write_text(table(rows), encoding="utf-8")
     student = TurboPipeline.from_pretrained(args.student or root / "student" / "main" / "student")
     teacher = TurboPipeline.from_pretrained(root / "teacher" / "model")
-    steps_grid(student, GRID_PROMPTS, 0.0).save(out / "student-steps.png")
-    steps_grid(teacher, GRID_PROMPTS, TEACHER_GUIDANCE, steps=(*range(1, 9), 25, 50)).save(out / "teacher-steps.png")
-    sizes_grid(student, GRID_PROMPTS).save(out / "student-sizes.png")
+    steps_grid(student, prompts, 0.0).save(out / "student-steps.png")
+    steps_grid(teacher, prompts, TEACHER_GUIDANCE, steps=(*range(1, 9), 25, 50)).save(out / "teacher-steps.png")
+    sizes_grid(student, prompts).save(out / "student-sizes.png")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
