@@ -35,20 +35,13 @@ class GroupedShapes(shapes.ShapesSource):
         if variant == 0:
             return scene, text
         rng = np.random.default_rng((self.seed, 99, group, variant))
+        said = shapes.parse_caption(text)  # None where the caption leaves a size or the background unsaid
         objects = []
-        for o in scene.objects:
-            size = o.size if f"{o.size} {o.colour} {o.shape}" in text else list(shapes.SIZES)[int(rng.integers(3))]
-            low, high = shapes.SIZES[size]
-            radius = float(rng.uniform(low, high))
-            slack = 1 / 6 - radius - shapes.MARGIN
-            row, col = divmod(shapes.POSITIONS.index(o.position), 3)
-            x = (col + 0.5) / 3 + float(rng.uniform(-slack, slack))
-            y = (row + 0.5) / 3 + float(rng.uniform(-slack, slack))
-            objects.append(replace(o, size=size, radius=radius, x=x, y=y))
-        background = scene.background
-        if f"{background} background" not in text:
-            free = [b for b in shapes.BACKGROUNDS if b not in {o.colour for o in objects}]
-            background = free[int(rng.integers(len(free)))]
+        for o, stated in zip(scene.objects, said["objects"], strict=True):
+            size = o.size if stated["size"] is not None else list(shapes.SIZES)[int(rng.integers(len(shapes.SIZES)))]
+            x, y, radius = shapes.draw_placement(rng, size, shapes.POSITIONS.index(o.position))
+            objects.append(replace(o, size=size, x=x, y=y, radius=radius))
+        background = scene.background if said["background"] is not None else shapes.draw_background(rng, objects)
         return shapes.Scene(tuple(objects), background, scene.relation), text
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -142,21 +143,30 @@ def sample_scene(rng: np.random.Generator, holdout: Holdout = "exclude") -> Scen
         pairs = _UNSEEN_PAIRS if k == unseen else _SEEN_PAIRS if holdout == "exclude" else _ALL_PAIRS
         shape, colour = pairs[int(rng.integers(len(pairs)))]
         size = list(SIZES)[int(rng.integers(len(SIZES)))]
-        low, high = SIZES[size]
-        radius = float(rng.uniform(low, high))
-        slack = 1 / 6 - radius - MARGIN  # how far the centre may move and keep the object inside its cell
-        row, col = divmod(cell, 3)
-        x = (col + 0.5) / 3 + float(rng.uniform(-slack, slack))
-        y = (row + 0.5) / 3 + float(rng.uniform(-slack, slack))
-        objects.append(ShapeObject(shape, colour, size, POSITIONS[cell], x, y, radius))
+        objects.append(ShapeObject(shape, colour, size, POSITIONS[cell], *draw_placement(rng, size, cell)))
     relation = None
     if count == 2:
         true_relations = relations_between(cells[0], cells[1])
         relation = true_relations[int(rng.integers(len(true_relations)))]
+    return Scene(tuple(objects), draw_background(rng, objects), relation)
+
+
+def draw_placement(rng: np.random.Generator, size: str, cell: int) -> tuple[float, float, float]:
+    """A random radius within the `size` class and a centre that keeps the object inside grid `cell`: (x, y, radius)."""
+    low, high = SIZES[size]
+    radius = float(rng.uniform(low, high))
+    slack = 1 / 6 - radius - MARGIN  # how far the centre may move and keep the object inside its cell
+    row, col = divmod(cell, 3)
+    x = (col + 0.5) / 3 + float(rng.uniform(-slack, slack))
+    y = (row + 0.5) / 3 + float(rng.uniform(-slack, slack))
+    return x, y, radius
+
+
+def draw_background(rng: np.random.Generator, objects: Sequence[ShapeObject]) -> str:
+    """A random background colour that none of `objects` has."""
     used = {o.colour for o in objects}
     backgrounds = [name for name in BACKGROUNDS if name not in used]
-    background = backgrounds[int(rng.integers(len(backgrounds)))]
-    return Scene(tuple(objects), background, relation)
+    return backgrounds[int(rng.integers(len(backgrounds)))]
 
 
 def relations_between(first: int, second: int) -> list[str]:
