@@ -1,5 +1,5 @@
 """The teacher's distillation target: one step (the paper) and several DDIM steps (`--teacher_steps`),
-against diffusers' own DDIM scheduler as the reference."""
+against diffusers' own DDIM scheduler as the reference; and NFSD's target at the configured scale."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from turbokit.distill import losses
 from turbokit.distill.config import DistillConfig
-from turbokit.distill.step import StepBatch, StepModels, teacher_x0
+from turbokit.distill.step import StepBatch, StepModels, nfsd_target_x0, teacher_x0
 from turbokit.errors import TurbokitError
 from turbokit.families import Conditioning
 
@@ -78,3 +79,35 @@ def test_teacher_steps_are_checked():
     with pytest.raises(TurbokitError, match="nfsd"):
         DistillConfig(**base, teacher_steps=4, distill_weighting="nfsd").validate()
     DistillConfig(**base, teacher_steps=4).validate()
+
+
+@pytest.mark.parametrize("scale", [3.0, 7.5])
+def test_nfsd_target_uses_the_configured_scale(scale):
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    models, batch = models_and_batch(scheduler)
+    batch.negative, batch.negative_unet_kwargs = Conditioning(torch.full((2, 3, 4), -0.5)), {}
+    gen = torch.Generator().manual_seed(2)
+    x_hat, x_t, t = (
+        torch.randn(2, 4, 8, 8, generator=gen),
+        torch.randn(2, 4, 8, 8, generator=gen),
+        torch.tensor([500, 100]),
+    )
+
+    alpha, sigma = (
+        c.view(-1, 1, 1, 1) for c in (scheduler.alphas_cumprod[t].sqrt(), (1 - scheduler.alphas_cumprod[t]).sqrt())
+    )
+    eps = {
+        k: models.teacher(x_t, t, c.embeds)[0]
+        for k, c in (("y", batch.cond), ("0", batch.uncond), ("n", batch.negative))
+    }
+    delta_d = torch.stack([eps["0"][0] - eps["n"][0], eps["0"][1]])  # t = 100 < 200: the unconditional ε̂ alone
+    expected = x_hat - sigma / alpha * (delta_d + scale * (eps["y"] - eps["0"]))
+
+    torch.testing.assert_close(nfsd_target_x0(x_hat, x_t, t, batch, models, scale), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nfsd_scale_defaults_to_the_papers_and_is_checked():
+    base = {"teacher": "t", "data": "d", "output_dir": "o", "method": "ladd", "distill_weighting": "nfsd"}
+    assert DistillConfig(**base).nfsd_guidance_scale == losses.NFSD_GUIDANCE_SCALE == 7.5
+    with pytest.raises(TurbokitError, match="nfsd_guidance_scale"):
+        DistillConfig(**base, nfsd_guidance_scale=-1.0).validate()

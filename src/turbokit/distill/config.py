@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from turbokit.distill.augment import parse_policy
-from turbokit.distill.losses import DEFAULT_R1_GAMMA
+from turbokit.distill.losses import DEFAULT_R1_GAMMA, NFSD_GUIDANCE_SCALE
 from turbokit.errors import TurbokitError
 
 if TYPE_CHECKING:
@@ -92,7 +92,12 @@ class DistillConfig:
     )
     adversarial_weight: float = _opt(1.0, "weight of L_adv^G (0 = distillation-only ablation)")
     teacher_guidance_scale: str = _opt(
-        "1.0", "teacher CFG for the distillation target: a value or a uniform range 'lo,hi' (1 = none)"
+        "1.0",
+        "teacher CFG for the distillation target: a value or a uniform range 'lo,hi' (1 = none); "
+        "nfsd takes --nfsd_guidance_scale instead",
+    )
+    nfsd_guidance_scale: float = _opt(
+        NFSD_GUIDANCE_SCALE, "s, the CFG scale on NFSD's condition term δ_C (Katzir et al.: 7.5); nfsd only"
     )
     teacher_timestep_range: str = _opt("20,980", "teacher timesteps t ~ U[lo, hi) for re-noising x̂ (paper: U[0, T))")
     teacher_steps: int = _opt(
@@ -253,6 +258,8 @@ class DistillConfig:
                 "--teacher_steps > 1 makes an x̂₀ target; --distill_weighting nfsd distils the teacher's score "
                 "at t instead: use exponential or sds"
             )
+        if self.nfsd_guidance_scale < 0:
+            raise TurbokitError(f"--nfsd_guidance_scale must be >= 0, got {self.nfsd_guidance_scale}")
         g_lo, g_hi = self.guidance_range
         if g_lo < 1 or g_hi < g_lo:
             raise TurbokitError(

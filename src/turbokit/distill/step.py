@@ -105,9 +105,12 @@ def teacher_x0(x_t: Tensor, t: Tensor, b: StepBatch, m: StepModels, guidance: Te
         return guided_x0(x, t // steps, b, m, guidance)
 
 
-def nfsd_target_x0(x_hat: Tensor, x_hat_t: Tensor, t: Tensor, b: StepBatch, m: StepModels) -> Tensor:
+def nfsd_target_x0(
+    x_hat: Tensor, x_hat_t: Tensor, t: Tensor, b: StepBatch, m: StepModels, guidance_scale: float
+) -> Tensor:
     """The Noise-Free Score Distillation target (Katzir et al. 2023) from the teacher's ε̂ with the prompt,
-    the empty prompt and NFSD's negative prompt (see `losses.nfsd_target`)."""
+    the empty prompt and NFSD's negative prompt, `guidance_scale` on the condition term (see
+    `losses.nfsd_target`)."""
     alpha, sigma = sampling.vp_coefficients(m.alphas_cumprod, t)
     with torch.no_grad():
         eps = [
@@ -118,7 +121,7 @@ def nfsd_target_x0(x_hat: Tensor, x_hat_t: Tensor, t: Tensor, b: StepBatch, m: S
                 (b.negative, b.negative_unet_kwargs),
             )
         ]
-    return losses.nfsd_target(x_hat.detach(), *eps, t, alpha, sigma)
+    return losses.nfsd_target(x_hat.detach(), *eps, t, alpha, sigma, guidance_scale)
 
 
 def decode(vae: nn.Module, latents: Tensor, scaling_factor: float) -> Tensor:
@@ -184,7 +187,7 @@ def distill_step(
         g_lo, g_hi = cfg.guidance_range
         guidance = (g_lo + (g_hi - g_lo) * torch.rand(n, generator=gen)).to(device)
         if cfg.distill_weighting == "nfsd":
-            target = nfsd_target_x0(x_hat, x_hat_t, t, b, m)
+            target = nfsd_target_x0(x_hat, x_hat_t, t, b, m, cfg.nfsd_guidance_scale)
         else:
             target = teacher_x0(x_hat_t, t, b, m, guidance, cfg.teacher_steps)
         weight = losses.distill_weighting(cfg.distill_weighting, alpha_t.flatten(), sigma_t.flatten())
