@@ -1,5 +1,6 @@
 """The teacher's distillation target: one step (the paper) and several DDIM steps (`--teacher_steps`),
-against diffusers' own DDIM scheduler as the reference; and NFSD's target at the configured scale."""
+against diffusers' own DDIM scheduler as the reference; NFSD's target at the configured scale; and which
+samples the discriminator conditions on the real image (`--disc_image_condition`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from torch import nn
 
 from turbokit.distill import losses
 from turbokit.distill.config import DistillConfig
-from turbokit.distill.step import StepBatch, StepModels, nfsd_target_x0, teacher_x0
+from turbokit.distill.discriminator import Discriminator
+from turbokit.distill.step import StepBatch, StepModels, blind_image_condition, nfsd_target_x0, teacher_x0
+from turbokit.distill.trainer import train
 from turbokit.errors import TurbokitError
 from turbokit.families import Conditioning
 
@@ -111,3 +114,54 @@ def test_nfsd_scale_defaults_to_the_papers_and_is_checked():
     assert DistillConfig(**base).nfsd_guidance_scale == losses.NFSD_GUIDANCE_SCALE == 7.5
     with pytest.raises(TurbokitError, match="nfsd_guidance_scale"):
         DistillConfig(**base, nfsd_guidance_scale=-1.0).validate()
+
+
+def test_blind_image_condition_zeroes_only_the_blind_samples_image_embedding():
+    text, image = torch.randn(3, 5), torch.randn(3, 7)
+    cond = {"features": {}, "heads": {"text_embeds": text, "image_embeds": image}}
+    blinded = blind_image_condition(cond, torch.tensor([True, False, True]))
+    assert blinded["heads"]["text_embeds"] is text
+    assert torch.equal(blinded["heads"]["image_embeds"][1], image[1])
+    assert not blinded["heads"]["image_embeds"][[0, 2]].any()
+    assert cond["heads"]["image_embeds"] is image  # the caller's condition is left as it was
+
+
+@pytest.mark.parametrize(
+    ("policy", "timesteps", "blind"),
+    [("seen", "999", True), ("seen", "249", False), ("all", "999", False)],
+)
+def test_the_heads_see_the_image_condition_only_where_the_student_saw_the_image(
+    tiny_models, dino, images, tmp_path, monkeypatch, policy, timesteps, blind
+):
+    seen: list[torch.Tensor] = []
+    original = Discriminator.head_logits
+
+    def spy(self, features, text_embeds, image_embeds=None, noise_level=None):
+        seen.append(image_embeds.detach().clone())
+        return original(self, features, text_embeds, image_embeds, noise_level)
+
+    monkeypatch.setattr(Discriminator, "head_logits", spy)
+    cfg = DistillConfig(
+        teacher=str(tiny_models["sd2"]),
+        data=str(images),
+        output_dir=str(tmp_path / "run"),
+        dino_model=str(dino),
+        train_batch_size=2,
+        max_train_steps=1,
+        report_to="none",
+        progress=False,
+        student_timesteps=timesteps,
+        disc_image_condition=policy,
+    )
+    train(cfg)
+    assert len(seen) == 3  # real and fake for the discriminator, fake for the generator
+    for embeds in seen:  # pure-noise inputs (zero terminal SNR at 999) are blind; real and fake alike
+        assert (not embeds.any()) if blind else bool((embeds != 0).all(dim=1).all())
+
+
+def test_the_image_condition_policy_is_checked():
+    base = {"teacher": "t", "data": "d", "output_dir": "o", "method": "ladd"}
+    with pytest.raises(TurbokitError, match="--disc_image_condition seen needs --method add"):
+        DistillConfig(**base, disc_image_condition="seen").validate()
+    with pytest.raises(TurbokitError, match="all or seen"):
+        DistillConfig(**base, disc_image_condition="some").validate()

@@ -111,6 +111,13 @@ class DistillConfig:
         "discriminator projection conditioning: none | text | text+image (add)",
         choices=("none", "text", "text+image"),
     )
+    disc_image_condition: str = _opt(
+        "all",
+        "add, text+image: which samples the discriminator conditions on the real image's embedding: all (ADD as "
+        "written) | seen (only where the student's input holds some of that image; not at a zero-SNR s = 999, "
+        "whose input is pure noise: there the embedding names an image the student cannot know)",
+        choices=("all", "seen"),
+    )
     disc_augment: str = _opt(
         "none",
         "add: differentiable augmentation of the discriminator's images: none | translation | cutout, comma-separated "
@@ -232,6 +239,10 @@ class DistillConfig:
             )
         if self.method == "ladd" and self.disc_conditioning == "text+image":
             self.disc_conditioning = "text"  # LADD conditions on text and noise level; there is no image encoder
+        if self.disc_image_condition not in ("all", "seen"):
+            raise TurbokitError(f"--disc_image_condition is all or seen, not {self.disc_image_condition!r}")
+        if self.disc_image_condition == "seen" and "image" not in self.disc_conditioning.split("+"):
+            raise TurbokitError("--disc_image_condition seen needs --method add with --disc_conditioning text+image")
         if self.disc_augment_policy and self.method != "add":
             raise TurbokitError("--disc_augment applies to --method add's pixel discriminator only")
         if self.disc_minibatch_std < 0 or self.disc_minibatch_std == 1:

@@ -124,6 +124,16 @@ def nfsd_target_x0(
     return losses.nfsd_target(x_hat.detach(), *eps, t, alpha, sigma, guidance_scale)
 
 
+def blind_image_condition(cond: dict, blind: Tensor) -> dict:
+    """`cond` with the image embedding zeroed where `blind`: there the discriminator judges the sample on its
+    caption alone. A student whose input is pure noise cannot know which real image the embedding names; kept,
+    the condition lets the heads tell its samples from real ones by that mismatch, and rewards every sample
+    for sitting near the caption's average image (a pull towards less variety)."""
+    image = cond["heads"]["image_embeds"]
+    heads = {**cond["heads"], "image_embeds": torch.where(blind.view(-1, 1), torch.zeros_like(image), image)}
+    return {**cond, "heads": heads}
+
+
 def decode(vae: nn.Module, latents: Tensor, scaling_factor: float) -> Tensor:
     """Latents → pixels in [-1, 1] through the frozen VAE (differentiable w.r.t. the latents)."""
     return vae.decode((latents / scaling_factor).to(vae.dtype)).sample.float()
@@ -162,6 +172,8 @@ def distill_step(
     # features detached, the generator update backpropagates through them (heads change, features don't).
     real_in, real_cond = disc_inputs(b.x0, b.pixels, b)
     fake_in, fake_cond = disc_inputs(x_hat, fake_pixels, b)
+    if cfg.disc_image_condition == "seen":  # pair i keeps its image condition only if student input i held x₀
+        real_cond, fake_cond = (blind_image_condition(c, alpha_s.flatten() == 0) for c in (real_cond, fake_cond))
     if policy := cfg.disc_augment_policy:  # independent draws for real and fake; conditions stay un-augmented
         real_in, fake_in = augment(real_in, policy, gen), augment(fake_in, policy, gen)
     fake_features = m.disc.features(fake_in, **fake_cond["features"])
