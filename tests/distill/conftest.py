@@ -30,3 +30,18 @@ def images(tmp_path_factory) -> Path:
         Image.new("RGB", (64, 64), colour).save(root / f"{i}.png")
         (root / f"{i}.txt").write_text(f"a {colour} square")
     return root
+
+
+@pytest.fixture
+def add_options(tiny_models, dino, images, tmp_path) -> dict:
+    """`DistillConfig` keywords for a one-step `--method add` run on the tiny models, quiet."""
+    return dict(
+        teacher=str(tiny_models["sd2"]),
+        data=str(images),
+        output_dir=str(tmp_path / "run"),
+        dino_model=str(dino),
+        train_batch_size=2,
+        max_train_steps=1,
+        report_to="none",
+        progress=False,
+    )

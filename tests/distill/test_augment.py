@@ -40,21 +40,12 @@ def test_policy_parsing():
         parse_policy("colour")
 
 
-def test_the_trainer_augments_and_refuses_bad_settings(tiny_models, dino, images, tmp_path):
+def test_the_trainer_augments_and_refuses_bad_settings(add_options):
     from turbokit.distill.config import DistillConfig
     from turbokit.distill.trainer import train
     from turbokit.errors import TurbokitError
 
-    options = dict(
-        teacher=str(tiny_models["sd2"]),
-        data=str(images),
-        output_dir=str(tmp_path / "run"),
-        dino_model=str(dino),
-        train_batch_size=2,
-        max_train_steps=1,
-        report_to="none",
-        progress=False,
-    )
+    options = add_options
     student = train(DistillConfig(**options, disc_augment="translation,cutout"))
     assert (student / "model_index.json").is_file()
     with pytest.raises(TurbokitError, match="--disc_augment: unknown augmentation colour"):

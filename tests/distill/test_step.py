@@ -131,7 +131,7 @@ def test_blind_image_condition_zeroes_only_the_blind_samples_image_embedding():
     [("seen", "999", True), ("seen", "249", False), ("all", "999", False)],
 )
 def test_the_heads_see_the_image_condition_only_where_the_student_saw_the_image(
-    tiny_models, dino, images, tmp_path, monkeypatch, policy, timesteps, blind
+    add_options, monkeypatch, policy, timesteps, blind
 ):
     seen: list[torch.Tensor] = []
     original = Discriminator.head_logits
@@ -141,19 +141,7 @@ def test_the_heads_see_the_image_condition_only_where_the_student_saw_the_image(
         return original(self, features, text_embeds, image_embeds, noise_level)
 
     monkeypatch.setattr(Discriminator, "head_logits", spy)
-    cfg = DistillConfig(
-        teacher=str(tiny_models["sd2"]),
-        data=str(images),
-        output_dir=str(tmp_path / "run"),
-        dino_model=str(dino),
-        train_batch_size=2,
-        max_train_steps=1,
-        report_to="none",
-        progress=False,
-        student_timesteps=timesteps,
-        disc_image_condition=policy,
-    )
-    train(cfg)
+    train(DistillConfig(**add_options, student_timesteps=timesteps, disc_image_condition=policy))
     assert len(seen) == 3  # real and fake for the discriminator, fake for the generator
     for embeds in seen:  # pure-noise inputs (zero terminal SNR at 999) are blind; real and fake alike
         assert (not embeds.any()) if blind else bool((embeds != 0).all(dim=1).all())
@@ -165,3 +153,9 @@ def test_the_image_condition_policy_is_checked():
         DistillConfig(**base, disc_image_condition="seen").validate()
     with pytest.raises(TurbokitError, match="all or seen"):
         DistillConfig(**base, disc_image_condition="some").validate()
+
+
+def test_every_option_with_choices_is_checked_outside_argparse_too():
+    base = {"teacher": "t", "data": "d", "output_dir": "o", "method": "ladd"}
+    with pytest.raises(TurbokitError, match="--distill_weighting is exponential, sds or nfsd, not 'nfds'"):
+        DistillConfig(**base, distill_weighting="nfds").validate()

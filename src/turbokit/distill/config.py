@@ -221,6 +221,10 @@ class DistillConfig:
         for name in ("teacher", "data", "output_dir"):
             if not getattr(self, name):
                 raise TurbokitError(f"--{name} is required")
+        for f in dataclasses.fields(self):  # argparse checks these on the command line; a config file or code may not
+            if (choices := f.metadata.get("choices")) and getattr(self, f.name) not in choices:
+                allowed = " or ".join([", ".join(choices[:-1]), choices[-1]])
+                raise TurbokitError(f"--{f.name} is {allowed}, not {getattr(self, f.name)!r}")
         if self.synthetic and self.method != "ladd":
             raise TurbokitError(
                 "--synthetic trains on teacher latents, which only --method ladd can use (add needs pixels)"
@@ -239,8 +243,6 @@ class DistillConfig:
             )
         if self.method == "ladd" and self.disc_conditioning == "text+image":
             self.disc_conditioning = "text"  # LADD conditions on text and noise level; there is no image encoder
-        if self.disc_image_condition not in ("all", "seen"):
-            raise TurbokitError(f"--disc_image_condition is all or seen, not {self.disc_image_condition!r}")
         if self.disc_image_condition == "seen" and "image" not in self.disc_conditioning.split("+"):
             raise TurbokitError("--disc_image_condition seen needs --method add with --disc_conditioning text+image")
         if self.disc_augment_policy and self.method != "add":

@@ -173,7 +173,8 @@ def distill_step(
     real_in, real_cond = disc_inputs(b.x0, b.pixels, b)
     fake_in, fake_cond = disc_inputs(x_hat, fake_pixels, b)
     if cfg.disc_image_condition == "seen":  # pair i keeps its image condition only if student input i held x₀
-        real_cond, fake_cond = (blind_image_condition(c, alpha_s.flatten() == 0) for c in (real_cond, fake_cond))
+        blind = alpha_s.flatten() == 0
+        real_cond, fake_cond = blind_image_condition(real_cond, blind), blind_image_condition(fake_cond, blind)
     if policy := cfg.disc_augment_policy:  # independent draws for real and fake; conditions stay un-augmented
         real_in, fake_in = augment(real_in, policy, gen), augment(fake_in, policy, gen)
     fake_features = m.disc.features(fake_in, **fake_cond["features"])
