@@ -1,6 +1,7 @@
-"""FID split into its mean and covariance terms: fid_parts.py STEPS MODEL[:CFG] [MODEL[:CFG] ...]
+"""FID split into its mean and covariance terms: fid_parts.py STEPS [--seed N] MODEL[:CFG] [MODEL[:CFG] ...]
 
-The same 2000 test captions and seeds as `turbokit eval`; prints ‖μg − μr‖² and the covariance term
+The same 2000 test captions and seeds as `turbokit eval` (`--seed 1`: 2000 other captions, a validation set
+for choosing among a run's exports without looking at the test captions); prints ‖μg − μr‖² and the covariance term
 tr(Σg + Σr − 2(ΣgΣr)^½), whose sum is the row's FID, so a model's distance from the real images can be read
 as a shift of the average image (colour, ground, object size) or as a wrong spread (too little variety, or the
 wrong kind)."""
@@ -15,8 +16,11 @@ from turbokit.recipes.evaluator import ShapesEvaluator, extract_features, gaussi
 from turbokit.recipes.study import generate
 
 steps, models = int(sys.argv[1]), sys.argv[2:]
+seed = 0
+if models[:1] == ["--seed"]:
+    seed, models = int(models[1]), models[2:]
 evaluator = ShapesEvaluator.load(SHAPES_EVALUATOR)
-real, _, captions = render_split("test", 2000, seed=0)
+real, _, captions = render_split("test", 2000, seed=seed)
 r = extract_features(evaluator, real).astype(np.float64)
 mu_r, cov_r = r.mean(0), np.cov(r, rowvar=False)
 for spec in models:
@@ -27,7 +31,7 @@ for spec in models:
     fid = gaussian_frechet_distance(mu_g, cov_g, mu_r, cov_r)
     mean_term = float((mu_g - mu_r) @ (mu_g - mu_r))
     print(
-        f"{spec} steps={steps}: FID {fid:.0f} = mean {mean_term:.0f} + covariance {fid - mean_term:.0f}; "
+        f"{spec} steps={steps} seed={seed}: FID {fid:.0f} = mean {mean_term:.0f} + covariance {fid - mean_term:.0f}; "
         f"tr Σg {np.trace(cov_g):.0f}, tr Σr {np.trace(cov_r):.0f}",
         flush=True,
     )
