@@ -6,7 +6,7 @@ tr(Σg + Σr − 2(ΣgΣr)^½), whose sum is the row's FID, so a model's distanc
 as a shift of the average image (colour, ground, object size) or as a wrong spread (too little variety, or the
 wrong kind)."""
 
-import sys
+import argparse
 
 import numpy as np
 
@@ -15,10 +15,12 @@ from turbokit.pipeline import TurboPipeline
 from turbokit.recipes.evaluator import ShapesEvaluator, extract_features, gaussian_frechet_distance, render_split
 from turbokit.recipes.study import generate
 
-steps, models = int(sys.argv[1]), sys.argv[2:]
-seed = 0
-if models[:1] == ["--seed"]:
-    seed, models = int(models[1]), models[2:]
+parser = argparse.ArgumentParser(description="each model's FID split into its mean and covariance terms")
+parser.add_argument("steps", type=int)
+parser.add_argument("--seed", type=int, default=0, help="dataset seed of the captions (1: a validation set)")
+parser.add_argument("models", nargs="+", metavar="MODEL[:CFG]")
+args = parser.parse_args()
+steps, seed, models = args.steps, args.seed, args.models
 evaluator = ShapesEvaluator.load(SHAPES_EVALUATOR)
 real, _, captions = render_split("test", 2000, seed=seed)
 r = extract_features(evaluator, real).astype(np.float64)
