@@ -45,10 +45,9 @@ def test_the_trainer_augments_and_refuses_bad_settings(add_options):
     from turbokit.distill.trainer import train
     from turbokit.errors import TurbokitError
 
-    options = add_options
-    student = train(DistillConfig(**options, disc_augment="translation,cutout"))
+    student = train(DistillConfig(**add_options, disc_augment="translation,cutout"))
     assert (student / "model_index.json").is_file()
     with pytest.raises(TurbokitError, match="--disc_augment: unknown augmentation colour"):
-        DistillConfig(**options, disc_augment="colour").validate()
+        DistillConfig(**add_options, disc_augment="colour").validate()
     with pytest.raises(TurbokitError, match="--method add's pixel discriminator only"):
-        DistillConfig(**{**options, "method": "ladd"}, disc_augment="cutout").validate()
+        DistillConfig(**{**add_options, "method": "ladd"}, disc_augment="cutout").validate()

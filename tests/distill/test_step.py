@@ -159,3 +159,5 @@ def test_every_option_with_choices_is_checked_outside_argparse_too():
     base = {"teacher": "t", "data": "d", "output_dir": "o", "method": "ladd"}
     with pytest.raises(TurbokitError, match="--distill_weighting is exponential, sds or nfsd, not 'nfds'"):
         DistillConfig(**base, distill_weighting="nfds").validate()
+    with pytest.raises(TurbokitError, match="--report_to is tensorboard, wandb, all or none, not 'tb'"):
+        DistillConfig(**base, report_to="tb").validate()

@@ -160,7 +160,9 @@ class DistillConfig:
     checkpointing_steps: int = _opt(500, "save a resumable checkpoint every N steps")
     checkpoints_total_limit: int = _opt(0, "keep only the newest N checkpoints (0: all)")
     resume_from_checkpoint: str = _opt("", "'latest' or a checkpoint folder to continue from")
-    report_to: str = _opt("tensorboard", "tensorboard | wandb | all | none")
+    report_to: str = _opt(
+        "tensorboard", "tensorboard | wandb | all | none", choices=("tensorboard", "wandb", "all", "none")
+    )
     logging_steps: int = _opt(10, "log losses every N steps")
     validation_steps: int = _opt(0, "log validation images (1 and 4 steps) every N steps (0: off)")
     validation_prompts: str = _opt(
@@ -288,8 +290,6 @@ class DistillConfig:
             raise TurbokitError("learning rates must be positive")
         if self.resolution and self.resolution % 8:
             raise TurbokitError(f"--resolution must be a multiple of 8, got {self.resolution}")
-        if self.report_to not in ("tensorboard", "wandb", "all", "none"):
-            raise TurbokitError(f"--report_to must be tensorboard, wandb, all or none, got {self.report_to}")
 
 
 def _ints(text: str, name: str) -> list[int]:
