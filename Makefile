@@ -25,8 +25,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 # The web page's tests drive Debian's Chromium (.ci/run installs it); without it they skip, saying why.
-# Two or more workers (pytest-xdist), one thread each: most tests are latency-bound (subprocess launches,
-# compilation, tiny models), so on CI's 2 cores this takes 7.5–10 min against ~15 min serially with 2 threads.
+# Two or more workers (pytest-xdist), one thread each: tests are small (subprocess launches, compilation, tiny
+# models) and two single-thread workers keep 2 cores busy. On 2 cores pytest takes 10–16.5 min, machine-dependent
+# (2026-12-07: the test times sum to 32 min, of which the two inductor tests in test_compile.py take 7).
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses=8 --durations=15
 
