@@ -72,7 +72,9 @@ def main() -> None:
 
     seconds: dict[str, list[float]] = {}
     errors: dict[str, float] = {}
-    cache = Path(tempfile.mkdtemp(prefix="bench-upsample-"))
+    # OpenVINO's model cache for this run only; the finaliser removes it even when a row fails
+    scratch = tempfile.TemporaryDirectory(prefix="bench-upsample-")
+    cache = Path(scratch.name)
     for name, (module, make_inputs) in models(args.tiny, args.unet).items():
         # one module at a time, its four rows interleaved: the UNet's copies alone fill ~14 GB at full size
         rows: dict[str, Callable[[], torch.Tensor]] = {}
@@ -107,6 +109,7 @@ def main() -> None:
                     call()
                     seconds[row].append(time.perf_counter() - started)
         del rows, variants, twin
+    scratch.cleanup()
     digits = 4 if args.tiny else 3
     print(f"\n{size}², batch 1, {torch.get_num_threads()} threads, median of {args.repeats} interleaved calls:")
     print("| module, upsamplers, path | median s | min s | relative error vs fp32 eager |")

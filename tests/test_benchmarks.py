@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -79,10 +80,12 @@ def test_inference_benchmark_compiled_rows_with_parts(tmp_path, monkeypatch):
     assert converted == ["text", "tiny", "unet", "vae"]  # every module in OpenVINO IR, one shape each
 
 
-def test_upsample_benchmark_compares_fused_and_diffusers_upsamplers():
+def test_upsample_benchmark_compares_fused_and_diffusers_upsamplers(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_upsample.py"), "--tiny", "--unet", "--repeats", "1"]
-    proc = subprocess.run([*command, "--no-openvino"], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([*command, "--no-openvino"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # its scratch folder is gone (runs used to leave one in /tmp each)
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith(("| vae", "| unet"))]
     assert [[part.strip() for part in r[1].split(",")[:2]] for r in rows] == [
         ["vae decoder", "diffusers upsamplers"],
