@@ -44,8 +44,11 @@ def _worker_module():
 
 def _launch(args: list[str], home: Path, log: Path) -> int:
     """`accelerate launch` 2 CPU processes; the whole process group is killed if it outlives TIMEOUT_S."""
+    scratch = home.parent / "tmp"
+    scratch.mkdir(exist_ok=True)
     env = {
         **os.environ,
+        "TMPDIR": str(scratch),  # torchelastic's log folders (torchelastic_*) stay out of /tmp
         "ACCELERATE_USE_CPU": "true",  # see the module docstring: without it each process trains alone
         "OMP_NUM_THREADS": "1",  # two processes share the runner's cores
         "HF_HOME": str(home),  # no user-level accelerate default_config.yaml can change the launch
