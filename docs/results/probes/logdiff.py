@@ -21,12 +21,13 @@ def scalars(run: Path) -> dict[str, dict[int, float]]:
 
 
 a, b = scalars(Path(sys.argv[1])), scalars(Path(sys.argv[2]))
-steps = sorted(set.intersection(*(set(a[t]) & set(b.get(t, {})) for t in a)))
+tags = sorted(set(a) & set(b))
+steps = sorted(set.intersection(*(set(a[t]) & set(b[t]) for t in tags))) if tags else []
 if not steps:
     sys.exit("no step logged by both runs yet")
 print(f"{len(steps)} common steps, {steps[0]} to {steps[-1]}")
 for step in steps:
-    differ = [f"{t} {a[t][step]:.7g} vs {b[t][step]:.7g}" for t in sorted(a) if a[t][step] != b[t][step]]
+    differ = [f"{t} {a[t][step]:.7g} vs {b[t][step]:.7g}" for t in tags if a[t][step] != b[t][step]]
     if differ:
         print(f"first difference at step {step}:", *differ, sep="\n  ")
         break
