@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from turbokit.compile import COMPILE_MODES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +55,10 @@ def launch(
     # a fresh cache per mode: turbokit's root, and inductor's under it (not a directory set by the caller)
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"} | {"TURBOKIT_CACHE": str(cache)}
     started = time.time()
-    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:  # the child's own error, not the parent's CalledProcessError, says what went wrong
+        tail = "\n".join(out.stderr.strip().splitlines()[-20:])
+        raise SystemExit(f"the {mode} launch failed (exit {out.returncode}); the end of its stderr:\n{tail}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return {"launch_to_image_s": result["first_image_at"] - started, "image_s": result["image_s"]}
 
@@ -69,6 +74,9 @@ def main() -> None:
     parser.add_argument("--no-prefetch", action="store_true", help="openvino: without the CLI's background prefetch")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = sorted(set(args.modes.split(",")) - {"eager", *COMPILE_MODES})
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}: use eager or one of {', '.join(COMPILE_MODES)}")
     if args.child:
         return child(args.child, args.modes, args.size, args.steps, args.images, not args.no_prefetch)
 

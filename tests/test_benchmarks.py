@@ -119,6 +119,23 @@ def test_warm_start_benchmark_launches_cold_and_warm(tmp_path):
     assert all(float(r[3]) > float(r[4]) > 0 for r in rows)  # a launch costs more than one image
 
 
+def test_warm_start_benchmark_refuses_an_unknown_mode_in_one_line(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_warm_start.py"), "--tiny", "--modes", "eager,fastest"]
+    proc = subprocess.run([*command, "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown mode(s) fastest" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before any model was built
+
+
+def test_warm_start_benchmark_shows_why_a_launch_failed(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_warm_start
+
+    with pytest.raises(SystemExit) as failed:  # a launch of a folder that does not exist: the child's error shown
+        bench_warm_start.launch(tmp_path / "missing", "eager", 64, 1, 1, tmp_path / "cache", False)
+    message = str(failed.value.code)
+    assert message.startswith("the eager launch failed (exit ") and "missing" in message.split("\n", 1)[1]
+
+
 @pytest.fixture(scope="module")
 def openvino_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """bench_inference.py --tiny --openvino, once: its cache folder (weights and IR) and its output."""
