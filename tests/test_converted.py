@@ -14,6 +14,7 @@ from PIL import Image
 
 from turbokit.converted import Converted, ConvertedVae, Schedule
 from turbokit.pipeline import TurboPipeline
+from turbokit.tokenizer import FastClipTokenizer
 
 pytest.importorskip("openvino", reason="turbokit[openvino] is part of the dev extra; installed by make test")
 
@@ -34,6 +35,8 @@ def test_a_warm_launch_uses_stand_ins_and_makes_the_same_images(tiny_models, cac
     assert isinstance(warm.unet, Converted) and isinstance(warm.vae, ConvertedVae)
     assert isinstance(warm.scheduler, Schedule)
     assert len(warm.text_encoders) == (2 if family == "sdxl" else 1)
+    tokenizers = [t for t, _ in warm.family.encoders] if family == "sdxl" else [warm.family.tokenizer]
+    assert all(isinstance(t, FastClipTokenizer) for t in tokenizers)  # saved by the cold launch, no transformers
     torch.testing.assert_close(warm.alphas_cumprod, cold.alphas_cumprod, rtol=0, atol=0)
     assert warm.default_sampler == cold.default_sampler and warm.native_size == cold.native_size
     again = warm(["a red circle", "a cat"], **kwargs)
@@ -41,7 +44,7 @@ def test_a_warm_launch_uses_stand_ins_and_makes_the_same_images(tiny_models, cac
     assert torch.equal(again.latents, first.latents)
 
 
-def test_a_warm_launch_imports_no_diffusers(tiny_models, cache, tmp_path):
+def test_a_warm_launch_imports_neither_diffusers_nor_transformers(tiny_models, cache, tmp_path):
     model = tiny_models["sd2"]
     first = TurboPipeline.from_pretrained(model, compile="openvino")("a red circle", seed=3)
     out = tmp_path / "pixels.pt"
@@ -49,7 +52,8 @@ def test_a_warm_launch_imports_no_diffusers(tiny_models, cache, tmp_path):
         "import sys, torch; from turbokit.pipeline import TurboPipeline; "
         f"pipe = TurboPipeline.from_pretrained({str(model)!r}, compile='openvino'); "
         f"torch.save(pipe('a red circle', seed=3).pixels, {str(out)!r}); "
-        "print(type(pipe.unet).__name__, [m for m in ('diffusers', 'peft', 'torch._dynamo') if m in sys.modules])"
+        "heavy = ('diffusers', 'transformers', 'peft', 'torch._dynamo'); "
+        "print(type(pipe.unet).__name__, [m for m in heavy if m in sys.modules])"
     )
     env = {**os.environ, "TURBOKIT_CACHE": str(cache.parent)}
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
@@ -77,6 +81,11 @@ def test_the_full_load_when_a_stand_in_would_lack_something(tiny_models, cache, 
     shutil.copytree(tiny_models["sd2"], model)
     TurboPipeline.from_pretrained(model, compile="openvino")("a red circle", seed=0)
     assert isinstance(TurboPipeline.from_pretrained(model, compile="openvino").unet, Converted)
+
+    for saved in (cache / "tokenizers").glob("*.json"):  # a cached tokenizer it cannot read: the folder's own
+        saved.write_text("{not json")
+    warm = TurboPipeline.from_pretrained(model, compile="openvino")
+    assert isinstance(warm.unet, Converted) and type(warm.family.tokenizer).__name__ == "CLIPTokenizer"
 
     shutil.rmtree(cache / "schedules")  # no cached schedule: diffusers computes it (and caches it again)
     assert not isinstance(TurboPipeline.from_pretrained(model, compile="openvino").unet, Converted)

@@ -8,6 +8,8 @@ whose forward the OpenVINO dispatcher replaces. A stand-in reads its real diffus
 diffusers then — only when a shape not converted yet is asked for (and the VAE's, when an image must be
 encoded). diffusers stays the source of truth: every converted model was traced from its classes, and the
 noise schedule is the one its scheduler computed on an earlier launch (cached beside the converted models).
+The CLIP tokenizers run from the `tokenizers` JSON inside transformers' own CLIPTokenizer, saved on that launch,
+and the text encoders' outputs come back as `ModelOutputs`, so a warm launch imports no transformers either.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from turbokit.families import family_of
 from turbokit.loading import LoadedModel, component_sources, load_part
 from turbokit.openvino_backend import converted_before
 from turbokit.precision import Precision
+from turbokit.tokenizer import FastClipTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,43 @@ def save_schedule(cache: Path, root: Path, scheduler: Any, alphas_cumprod: torch
     partial.replace(path)
 
 
+def _tokenizer_file(cache: Path, folder: Path) -> Path:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):  # vocabulary, merges and settings: about 1.5 MB, hashed in milliseconds
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return cache / "tokenizers" / f"{digest.hexdigest()[:20]}.json"
+
+
+def save_tokenizer(cache: Path, folder: Path, tokenizer: Any) -> None:
+    """Keep the `tokenizers` tokenizer inside `tokenizer` (the CLIPTokenizer read from `folder`), for warm launches,
+    which then need not import transformers; keyed on the folder's bytes."""
+    path = _tokenizer_file(cache, folder)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if path.is_file() or backend is None:  # None: not a `tokenizers`-backed one; warm launches read the folder
+        return
+    entry = {
+        "tokenizer": backend.to_str(),
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "model_max_length": int(tokenizer.model_max_length),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(entry))
+    partial.replace(path)
+
+
+def _load_tokenizer(cache: Path, folder: Path) -> Any:
+    """The cached tokenizer of `folder`, or transformers' CLIPTokenizer read from it when there is none."""
+    try:
+        entry = json.loads(_tokenizer_file(cache, folder).read_text())
+        return FastClipTokenizer(entry["tokenizer"], entry["pad_token_id"], entry["model_max_length"])
+    except Exception:  # no entry, or one this version of `tokenizers` cannot read: the folder's own
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(folder)
+
+
 def _load_schedule(cache: Path, root: Path) -> Schedule | None:
     try:
         entry = json.loads(_schedule_file(cache, root).read_text())
@@ -201,8 +241,6 @@ def load_converted(
         "vae-decoder": decoder,
         "text-encoder-1": part("text_encoder", precision.compute),
     }
-    from transformers import CLIPTokenizer
-
     components: dict[str, object] = {
         "unet": Converted(unet_config),
         "vae": ConvertedVae(
@@ -212,13 +250,13 @@ def load_converted(
             lambda: place_vae(part("vae", precision.vae)()),
         ),
         "text_encoder": Converted(text_config),
-        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        "tokenizer": _load_tokenizer(cache, root / "tokenizer"),
         "scheduler": schedule,
     }
     if family == "sdxl":
         loaders["text-encoder-2"] = part("text_encoder_2", precision.compute)
         components["text_encoder_2"] = Converted(_config(root / "text_encoder_2") or {})
-        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")
+        components["tokenizer_2"] = _load_tokenizer(cache, root / "tokenizer_2")
     extra = {
         "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
         "folder": root,

@@ -63,6 +63,30 @@ def require_nncf() -> Any:
     return nncf
 
 
+class ModelOutputs(dict):
+    """A transformers `ModelOutput` as a warm launch returns it: the same fields, by name or position. Unpickling
+    the output structure with transformers' own class would import transformers (~0.7 s of a 2-core CPU's launch)
+    for the text encoders' outputs alone; the pipeline reads their fields by name."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, key: str | int) -> Any:
+        return list(self.values())[key] if isinstance(key, int) else super().__getitem__(key)
+
+
+_MODEL_OUTPUTS = f"{ModelOutputs.__module__}.{ModelOutputs.__qualname__}"
+pytree.register_pytree_node(
+    ModelOutputs,
+    lambda outputs: (list(outputs.values()), list(outputs.keys())),  # as transformers flattens its outputs
+    lambda values, keys: ModelOutputs(zip(keys, values, strict=True)),
+    serialized_type_name=_MODEL_OUTPUTS,
+)
+
+
 class _Flat(torch.nn.Module):
     """The module's own (class) forward with every tensor argument positional, the rest fixed: what tracing
     needs. Returns the output's tensors as a flat tuple."""
@@ -163,9 +187,10 @@ class OpenVinoDispatcher:
         try:
             return pytree.treespec_loads(spec)
         except NotImplementedError:
-            # an output class (e.g. transformers' BaseModelOutputWithPooling) is a pytree node once its module is
-            # imported; a warm launch that built no transformers model has not imported it yet
-            for module in set(re.findall(r'"type": "([\w.]+)\.\w+"', spec)):
+            # an output class is a pytree node once its module is imported, which a warm launch has not done:
+            # transformers' (the text encoders' outputs) become ModelOutputs, other modules are imported
+            spec = re.sub(r'"type": "transformers\.[\w.]+"', f'"type": "{_MODEL_OUTPUTS}"', spec)
+            for module in set(re.findall(r'"type": "([\w.]+)\.\w+"', spec)) - {ModelOutputs.__module__}:
                 importlib.import_module(module)
             return pytree.treespec_loads(spec)
 

@@ -209,6 +209,9 @@ class TurboPipeline:
             if compile == "openvino" and "folder" in model.extra:  # for the next, warm, launch
                 cache, folder = cache_root() / "openvino", model.extra["folder"]
                 converted.save_schedule(cache, folder, self.scheduler, self.alphas_cumprod)
+                for sub in ("tokenizer", "tokenizer_2"):
+                    if sub in c and (folder / sub).is_dir():
+                        converted.save_tokenizer(cache, folder / sub, c[sub])
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         self.default_sampler = "euler_a" if "Ancestral" in scheduler_name else "euler"
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)

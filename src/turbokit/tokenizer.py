@@ -11,10 +11,13 @@ import functools
 import gzip
 import importlib.util
 from pathlib import Path
-
-from transformers import CLIPTokenizer
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from turbokit.errors import TurbokitError
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is built: a warm launch needs none of it (~1 s)
+    from transformers import CLIPTokenizer
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
@@ -69,5 +72,47 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def clip_tokenizer(pad_token: str = PAD_OPENAI) -> CLIPTokenizer:
     """A CLIPTokenizer identical to the released SD/SDXL ones, built without network access."""
+    from transformers import CLIPTokenizer
+
     vocab, merges = _vocab_and_merges()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
+
+
+class FastClipTokenizer:
+    """The part of CLIPTokenizer's interface the pipeline uses, for a warm launch: transformers' CLIPTokenizer
+    (5.x) is a wrapper around a `tokenizers` (Rust) tokenizer, and this one runs that same tokenizer, saved
+    from it on an earlier launch (`serialized`), without importing transformers (~1 s of a 2-core CPU's launch).
+    Special tokens, truncation and padding as the wrapper applies them (tested equal on random text)."""
+
+    def __init__(self, serialized: str, pad_token_id: int, model_max_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(serialized)
+        self._backend.no_padding()  # the wrapper leaves its last call's settings in the saved state
+        self._backend.no_truncation()
+        self.pad_token_id, self.model_max_length = pad_token_id, model_max_length
+
+    def __call__(
+        self,
+        text: str | list[str],
+        padding: bool | str = False,
+        max_length: int | None = None,
+        truncation: bool = False,
+        return_tensors: str | None = None,
+    ) -> Any:
+        if padding not in (False, "max_length") or return_tensors not in (None, "pt"):
+            raise TypeError(f"unsupported here: padding={padding!r}, return_tensors={return_tensors!r}")
+        length = max_length or self.model_max_length
+        rows = [e.ids for e in self._backend.encode_batch([text] if isinstance(text, str) else list(text))]
+        if truncation:  # as the wrapper: the text's tokens are cut, the end token kept
+            rows = [r if len(r) <= length else r[: length - 1] + r[-1:] for r in rows]
+        if padding == "max_length":
+            rows = [r + [self.pad_token_id] * (length - len(r)) for r in rows]
+        if return_tensors == "pt":
+            import torch
+
+            return SimpleNamespace(input_ids=torch.tensor(rows))
+        return SimpleNamespace(input_ids=rows[0] if isinstance(text, str) else rows)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._backend.decode(ids).replace("</w>", " ").strip()  # as CLIPTokenizer's decode
