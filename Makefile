@@ -26,8 +26,9 @@ lint: $(STAMP)
 
 # The web page's tests drive Debian's Chromium (.ci/run installs it); without it they skip, saying why.
 # Two or more workers (pytest-xdist), one thread each: tests are small (subprocess launches, compilation, tiny
-# models) and two single-thread workers keep 2 cores busy. On 2 cores pytest takes 10–16.5 min, machine-dependent
-# (2026-12-07: the test times sum to 32 min, of which the two inductor tests in test_compile.py take 7).
+# models) and two single-thread workers keep 2 cores busy. On 2 cores pytest takes 6–16.5 min, machine-dependent
+# (2026-12-07: the test times sum to 32 min on an AVX2 machine, of which the two inductor tests in test_compile.py
+# take 7; 11.7 min and 6 min 45 s of pytest on a fast AVX512-BF16 one, the inductor tests 2.3 of it).
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses=8 --durations=15
 
