@@ -100,3 +100,17 @@ def test_the_full_load_when_a_stand_in_would_lack_something(tiny_models, cache, 
 
     eager = TurboPipeline.from_pretrained(model)  # without --compile openvino nothing changes
     assert not isinstance(eager.unet, Converted) and not isinstance(eager.scheduler, Schedule)
+
+
+def test_a_saved_tokenizer_is_keyed_on_its_files_and_transformers_version(tiny_models, tmp_path, monkeypatch):
+    from turbokit import converted
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(tiny_models["sd2"] / "tokenizer", folder)
+    key = converted._tokenizer_file(tmp_path, folder)
+    assert converted._tokenizer_file(tmp_path, folder) == key
+    (folder / "special_tokens_map.json").write_text("{}")
+    assert converted._tokenizer_file(tmp_path, folder) != key  # another file: another tokenizer
+    edited = converted._tokenizer_file(tmp_path, folder)
+    monkeypatch.setattr(converted, "_transformers_version", lambda: "99.0.0")
+    assert converted._tokenizer_file(tmp_path, folder) != edited  # another transformers may build another one

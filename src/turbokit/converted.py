@@ -119,8 +119,16 @@ def save_schedule(cache: Path, root: Path, scheduler: Any, alphas_cumprod: torch
     partial.replace(path)
 
 
+def _transformers_version() -> str:
+    from importlib.metadata import version  # its package metadata, read without importing it
+
+    return version("transformers")
+
+
 def _tokenizer_file(cache: Path, folder: Path) -> Path:
-    digest = hashlib.sha256()
+    # transformers builds the tokenizer from the files (normalizer, splitting, special tokens): another version may
+    # build another one, so its version is part of the key
+    digest = hashlib.sha256(f"transformers {_transformers_version()}".encode())
     for path in sorted(folder.iterdir()):  # vocabulary, merges and settings: about 1.5 MB, hashed in milliseconds
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
