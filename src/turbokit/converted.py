@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -103,7 +104,6 @@ def save_schedule(cache: Path, root: Path, scheduler: Any, alphas_cumprod: torch
     path = _schedule_file(cache, root)
     if path.is_file():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     entry = {
         "class_name": type(scheduler).__name__,
         "config": dict(scheduler.config),
@@ -114,11 +114,18 @@ def save_schedule(cache: Path, root: Path, scheduler: Any, alphas_cumprod: torch
     except TypeError:  # a config value JSON cannot hold: no warm launch for this model, never a failed one
         log.debug(f"the schedule of {root} cannot be cached: {entry['config']}")
         return
-    partial = path.with_suffix(".partial")
+    _write_atomically(path, text)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a concurrent or killed launch never reads half an entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     partial.write_text(text)
     partial.replace(path)
 
 
+@functools.cache
 def _transformers_version() -> str:
     from importlib.metadata import version  # its package metadata, read without importing it
 
@@ -147,10 +154,7 @@ def save_tokenizer(cache: Path, folder: Path, tokenizer: Any) -> None:
         "pad_token_id": int(tokenizer.pad_token_id),
         "model_max_length": int(tokenizer.model_max_length),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(entry))
-    partial.replace(path)
+    _write_atomically(path, json.dumps(entry))
 
 
 def _load_tokenizer(cache: Path, folder: Path) -> Any:
