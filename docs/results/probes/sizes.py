@@ -1,6 +1,7 @@
 """sizes.py MODEL:STEPS:CFG ...: objects per image and the predicted size classes (small, medium, large) on
 256 test captions, next to the real images'; then, for the captions naming one object and those naming two,
-the share of images in which the evaluator finds 0, 1, 2, 3 and 4 or more objects."""
+the share of images in which the evaluator finds 0, 1, 2, 3 and 4 or more objects, and how often every object
+found for a one-object caption has the colour it names."""
 
 import collections
 import sys
@@ -15,7 +16,8 @@ from turbokit.recipes.shapes import parse_caption
 torch.set_num_threads(1)
 evaluator = ShapesEvaluator.load(SHAPES_EVALUATOR)
 real, _, captions = render_split("test", 256, seed=0)
-said = [len(parse_caption(c)["objects"]) for c in captions]
+named = [parse_caption(c)["objects"] for c in captions]
+said = [len(objects) for objects in named]
 
 
 def show(name: str, predictions: list[dict]) -> None:
@@ -30,7 +32,14 @@ def show(name: str, predictions: list[dict]) -> None:
         f"{k} said ({sum(c.values())}): found 0–4+ {[round(c[j] / sum(c.values()), 2) for j in range(5)]}"
         for k, c in found.items()
     )
-    print(f"{name}: objects/img {n / len(predictions):.2f} size classes {shares}; {counts}", flush=True)
+    # one object named, several found: are the extra ones pieces of it (its colour) or other objects?
+    several = [(p, o[0]) for p, o in zip(predictions, named, strict=True) if len(o) == 1 and len(p["objects"]) > 1]
+    same = sum(all(x["colour"] == o["colour"] for x in p["objects"]) for p, o in several) / max(len(several), 1)
+    print(
+        f"{name}: objects/img {n / len(predictions):.2f} size classes {shares}; {counts}; "
+        f"one named, several found ({len(several)}): all in the named colour {same:.2f}",
+        flush=True,
+    )
 
 
 show("real", predict(evaluator, real))
